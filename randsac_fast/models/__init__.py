@@ -1,0 +1,50 @@
+"""Models: ``build(name, **overrides)`` for RandSAC and SAIM ViTs of the standard sizes.
+
+Every model is called as ``model(images, order) -> loss`` and ``model.predict(images, order) ->
+(pred, valid)`` in raster order; ``model.forward_features(images)`` is the unmasked encoder.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .randsac import SENTINEL, RandSAC, RandSACConfig, split_order
+from .saim import SAIM, SAIMConfig
+from .vit import SIZES, set_backend
+
+__all__ = ["build", "names", "RandSAC", "RandSACConfig", "SAIM", "SAIMConfig", "SENTINEL", "split_order",
+           "set_backend"]
+
+# Paper defaults per size. RandSAC: tiny = CIFAR-10 (32 px, P=4, 3-layer decoder); small = ImageNet-100
+# (224 px, P=16, 4-layer decoder with doubled heads); base = ImageNet-1K (192 px, P=16, 8-layer
+# decoder); large follows base. SAIM: 224 px, P=16, one query block per encoder block.
+_RANDSAC = {
+    "tiny": dict(img_size=32, patch_size=4, decoder_depth=3),
+    "small": dict(img_size=224, patch_size=16, decoder_depth=4, decoder_num_heads=12),
+    "base": dict(img_size=192, patch_size=16, decoder_depth=8),
+    "large": dict(img_size=224, patch_size=16, decoder_depth=8),
+}
+
+
+def names() -> list[str]:
+    return [f"{m}_vit_{s}" for m in ("randsac", "saim") for s in SIZES]
+
+
+def build(name: str, **overrides):
+    """Build ``randsac_vit_{tiny,small,base,large}`` or ``saim_vit_{...}`` with config overrides."""
+    method, _, size = name.partition("_vit_")
+    if method not in ("randsac", "saim") or size not in SIZES:
+        raise ValueError(f"unknown model {name!r}; choose one of {names()}")
+    dim, depth, heads = SIZES[size]
+    if method == "randsac":
+        cls, cfg_cls, base = RandSAC, RandSACConfig, dict(_RANDSAC[size])
+    else:
+        cls, cfg_cls, base = SAIM, SAIMConfig, dict(query_depth=depth)
+    base.update(embed_dim=dim, depth=depth, num_heads=heads)
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown} for {name}; valid: {sorted(fields)}")
+    if method == "saim" and "depth" in overrides and "query_depth" not in overrides:
+        base["query_depth"] = overrides["depth"]
+    base.update(overrides)
+    return cls(cfg_cls(**base))

@@ -1,0 +1,219 @@
+"""RandSAC: random segments with autoregressive coding (Hua et al.), in permuted order.
+
+Read against the paper's Figure 4 / Section 4:
+
+* **order**: a :class:`~randsac_fast.SegmentOrder` (segments of tokens, serialised at random).
+* **encoder** (masked, "source mask"): tokens of segments 0..S-2 in serial order with their fixed
+  position embeddings; a token sees its own segment and all earlier ones (inclusive).
+* **decoder**: one query per token of segments 1..S-1 (the target sequence shifted by one
+  segment), initialised with the token's fixed position embedding. Self-attention among the
+  queries is masked like the encoder (inclusive); cross-attention into the encoder memory sees only
+  strictly earlier segments ("memory mask"). With *trainable skip connections* (Section 4.2 /
+  A.3), decoder layer l reads Z_l = sum_k W[l, k] H_k over the encoder layer outputs.
+* **loss**: MSE (or L1) against patch-normalised pixels of the predicted tokens.
+
+Everything runs in the serialised ("permuted") order: tokens are gathered once at the input and the
+targets are gathered by the same indices; nothing is un-permuted on the training path. Fixed-size
+segments (squares) drop the last / first segment by slicing; variable-size ones (blobs) by right
+padding with a sentinel segment id (:data:`SENTINEL`) that no real query can see.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..orders import SegmentOrder
+from .vit import Block, DecoderBlock, LayerNorm, PatchEmbed, init_weights, sincos_2d
+
+#: seg id of padding rows: larger than any real segment rank, so padded keys are invisible.
+SENTINEL = 2 ** 30
+
+
+@dataclass
+class RandSACConfig:
+    img_size: int | tuple[int, int] = 32     # input side (or (H, W)); multiple of patch_size
+    patch_size: int = 4                      # P: tokens are P x P pixel patches
+    in_chans: int = 3                        # image channels
+    embed_dim: int = 192                     # encoder and decoder width
+    depth: int = 12                          # encoder layers (Lenc)
+    num_heads: int = 3                       # encoder heads
+    decoder_depth: int = 3                   # decoder layers (Ldec)
+    decoder_num_heads: int | None = None     # decoder heads (None: same as the encoder)
+    mlp_ratio: float = 4.0                   # MLP hidden = mlp_ratio * embed_dim
+    skip_memory: bool = False                # trainable skip connections Z_l = sum_k W[l,k] H_k
+    norm_pix: bool = True                    # per-patch normalised pixel targets (MAE)
+    blur_kernel: int = 0                     # Gaussian blur of the target (0: none; SAIM uses 9)
+    blur_sigma: float = 1.0                  # its standard deviation
+    loss: str = "mse"                        # "mse" or "l1"
+    backend: str = "auto"                    # attention backend (see randsac_fast.ops)
+
+    def __post_init__(self):
+        if isinstance(self.img_size, int):
+            self.img_size = (self.img_size, self.img_size)
+        self.img_size = tuple(self.img_size)
+        if self.loss not in ("mse", "l1"):
+            raise ValueError(f"loss must be 'mse' or 'l1'; got {self.loss!r}")
+
+
+@dataclass
+class EncDecSplit:
+    """Which serial positions feed the encoder and which become decoder queries.
+
+    enc_perm/enc_seg: [B, Le]; dec_perm/dec_seg: [B, Ld]; dec_valid: [B, Ld] bool or None (all).
+    """
+    enc_perm: Tensor
+    enc_seg: Tensor
+    dec_perm: Tensor
+    dec_seg: Tensor
+    dec_valid: Tensor | None = field(default=None)
+
+
+def split_order(order: SegmentOrder, pad: bool | None = None) -> EncDecSplit:
+    """Encoder = segments 0..S-2, decoder = segments 1..S-1 of every sample.
+
+    When every sample's first and last segments have the same sizes (squares) this is two slices;
+    otherwise (blobs, or ``pad=True``) samples are right-padded to the longest with SENTINEL ids.
+    """
+    perm, seg = order.perm, order.seg
+    b, n = seg.shape
+    first = (seg == 0).sum(1)                              # [B] tokens in the first segment
+    last = (seg == seg[:, -1:]).sum(1)                     # [B] tokens in the last segment
+    f_lo, f_hi, l_lo, l_hi = torch.stack([first.min(), first.max(), last.min(), last.max()]).tolist()
+    if pad is None:
+        pad = f_lo != f_hi or l_lo != l_hi
+    if n - l_lo == 0:
+        raise ValueError("every image of this order is one segment: nothing to predict — RandSAC needs "
+                         "at least 2 segments (e.g. square:K with K > 1, blob:K with K > 1)")
+    if not pad:
+        return EncDecSplit(perm[:, :n - l_lo], seg[:, :n - l_lo], perm[:, f_lo:], seg[:, f_lo:])
+    sentinel = torch.full((), SENTINEL, dtype=seg.dtype, device=seg.device)
+    le, ld = n - l_lo, n - f_lo
+    t = torch.arange(max(le, ld), device=seg.device)[None]
+    # encoder: positions t < N - last_b are real
+    enc_real = t[:, :le] < (n - last)[:, None]
+    enc_perm = perm[:, :le]
+    enc_seg = torch.where(enc_real, seg[:, :le], sentinel)
+    # decoder: query t takes serial position first_b + t
+    src = (first[:, None] + t[:, :ld]).clamp(max=n - 1)
+    dec_valid = first[:, None] + t[:, :ld] < n
+    dec_perm = torch.gather(perm, 1, src)
+    dec_seg = torch.where(dec_valid, torch.gather(seg, 1, src), sentinel)
+    return EncDecSplit(enc_perm, enc_seg, dec_perm, dec_seg, dec_valid)
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x: [B, N, D] (or [1, N, D]), index: [B, M] -> [B, M, D]."""
+    x = x.expand(index.shape[0], -1, -1)
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class RandSAC(nn.Module):
+    num_prefix_tokens = 0
+
+    def __init__(self, config: RandSACConfig | None = None, **overrides):
+        super().__init__()
+        cfg = config or RandSACConfig(**overrides)
+        self.config = cfg
+        d = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)
+        self.grid = self.patch_embed.grid
+        self.img_size, self.patch_size, self.in_chans = cfg.img_size, cfg.patch_size, cfg.in_chans
+        self.num_tokens = self.patch_embed.num_patches
+        self.register_buffer("pos_embed", torch.from_numpy(sincos_2d(d, *self.grid)).float()[None],
+                             persistent=False)
+        self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.backend) for _ in range(cfg.depth))
+        self.norm = LayerNorm(d)
+        dec_heads = cfg.decoder_num_heads or cfg.num_heads
+        self.decoder_blocks = nn.ModuleList(DecoderBlock(d, dec_heads, cfg.mlp_ratio, cfg.backend)
+                                            for _ in range(cfg.decoder_depth))
+        self.decoder_norm = LayerNorm(d)
+        self.head = nn.Linear(d, cfg.patch_size ** 2 * cfg.in_chans)
+        init_weights(self)
+        if cfg.skip_memory:
+            # W[l, k]: decoder layer l reads sum_k W[l,k] H_k. Initialised to read only the final
+            # (normalised) encoder output, so training starts from the plain masked transformer.
+            w = torch.zeros(cfg.decoder_depth, cfg.depth)
+            w[:, -1] = 1.0
+            self.skip_weight = nn.Parameter(w)
+        else:
+            self.skip_weight = None
+
+    # ---- backends ----------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self.config.backend
+
+    def aux_backend(self) -> str:
+        """Backend for the targets / skip-memory ops: fused Triton where attention is fast."""
+        return "reference" if self.backend in ("reference", "sdpa", "flex", "xformers") else "auto"
+
+    # ---- encoder -----------------------------------------------------------------------------
+    def embed(self, images: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, N, D] raster tokens with position embeddings."""
+        return self.patch_embed(images) + self.pos_embed.to(images.dtype)
+
+    def forward_encoder(self, images: Tensor, split: EncDecSplit) -> list[Tensor]:
+        """Masked encoder over the serialised tokens. Returns the memory of each decoder layer,
+        each [B, Le, D]: H_1..H_{L-1}, norm(H_L) combined by the skip weights (or norm(H_L))."""
+        x = gather_rows(self.embed(images), split.enc_perm)
+        hidden = []
+        for blk in self.blocks:
+            x = blk(x, split.enc_seg, inclusive=True)
+            hidden.append(x)
+        hidden[-1] = self.norm(x)
+        if self.skip_weight is None:
+            return [hidden[-1]] * len(self.decoder_blocks)
+        mem = ops.skip_memory(torch.stack(hidden), self.skip_weight, backend=self.aux_backend())
+        return list(mem.unbind(0))
+
+    # ---- decoder -----------------------------------------------------------------------------
+    def forward_decoder(self, memory: list[Tensor], split: EncDecSplit, dtype: torch.dtype) -> Tensor:
+        """Queries = position embeddings of the target tokens -> predictions [B, Ld, P*P*C]."""
+        x = gather_rows(self.pos_embed.to(dtype), split.dec_perm)
+        for blk, mem in zip(self.decoder_blocks, memory):
+            x = blk(x, mem, split.dec_seg, split.enc_seg)
+        return self.head(self.decoder_norm(x))
+
+    def forward_loss(self, images: Tensor, pred: Tensor, split: EncDecSplit) -> Tensor:
+        c = self.config
+        return ops.patch_loss(pred, images, c.patch_size, split.dec_perm, split.dec_valid,
+                              blur_kernel=c.blur_kernel, blur_sigma=c.blur_sigma, norm_pix=c.norm_pix,
+                              loss=c.loss, backend=self.aux_backend())
+
+    def forward_permuted(self, images: Tensor, order: SegmentOrder, pad: bool | None = None):
+        """-> (pred [B, Ld, P*P*C] in serial order, split)."""
+        if order.num_tokens != self.num_tokens:
+            raise ValueError(f"order has {order.num_tokens} tokens but the model's grid {self.grid} has "
+                             f"{self.num_tokens}; sample the order with grid={self.grid}")
+        split = split_order(order.to(images.device), pad)
+        memory = self.forward_encoder(images, split)
+        return self.forward_decoder(memory, split, memory[0].dtype), split
+
+    def forward(self, images: Tensor, order: SegmentOrder, pad: bool | None = None) -> Tensor:
+        """Scalar training loss."""
+        pred, split = self.forward_permuted(images, order, pad)
+        return self.forward_loss(images, pred, split)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, order: SegmentOrder) -> tuple[Tensor, Tensor]:
+        """(pred [B, N, P*P*C], valid [B, N] bool) in raster token order; valid marks predicted tokens."""
+        pred, split = self.forward_permuted(images, order)
+        b = images.shape[0]
+        valid = split.dec_valid if split.dec_valid is not None else torch.ones_like(split.dec_perm, dtype=torch.bool)
+        out = pred.new_zeros(b, self.num_tokens, pred.shape[-1])
+        mask = torch.zeros(b, self.num_tokens, dtype=torch.bool, device=pred.device)
+        rows = torch.arange(b, device=pred.device)[:, None].expand_as(split.dec_perm)
+        out[rows[valid], split.dec_perm[valid]] = pred[valid]
+        mask[rows[valid], split.dec_perm[valid]] = True
+        return out, mask
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """Unmasked encoder (evaluation): [B, N, D] after the final norm, raster order."""
+        x = self.embed(images)
+        seg = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
+        for blk in self.blocks:
+            x = blk(x, seg, inclusive=True)
+        return self.norm(x)

@@ -1,0 +1,185 @@
+"""ViT building blocks shared by RandSAC and SAIM.
+
+Pre-norm blocks (LayerNorm eps 1e-6), fused qkv projection with bias, GELU MLP, fixed 2D sin-cos
+position embeddings (MAE's construction). Attention goes through :func:`randsac_fast.ops.segment_attention`
+with the segment ids of the current (permuted) sequence; there are no dense masks here.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import segment_attention
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Position embeddings (MAE): half the channels encode the column, half the row
+# --------------------------------------------------------------------------------------------
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """[M] positions -> [M, dim]: sin | cos of pos * 1 / 10000^(2i/dim)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = False) -> np.ndarray:
+    """[grid_h * grid_w (+1), dim] fixed embeddings in raster order; the cls row (first) is zero."""
+    if dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4 for 2D sin-cos embeddings; got {dim}")
+    rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
+                             indexing="ij")
+    emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+    return emb
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """[B, C, H, W] -> [B, N, D] tokens in raster order (a conv with kernel = stride = P)."""
+
+    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        h, w = img_size
+        for side, size in (("height", h), ("width", w)):
+            if size % patch_size:
+                raise ValueError(f"image {side} {size} is not divisible by patch size {patch_size}; "
+                                 f"use an image size that is a multiple of {patch_size}")
+        self.img_size = (h, w)
+        self.patch_size = patch_size
+        self.grid = (h // patch_size, w // patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or tuple(images.shape[-2:]) != self.img_size or images.shape[1] != self.proj.in_channels:
+            raise ValueError(f"images must be [B, {self.proj.in_channels}, {self.img_size[0]}, {self.img_size[1]}]; "
+                             f"got {tuple(images.shape)} — resize the inputs or build the model with that img_size")
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a fused qkv projection; self- or cross-attention by segment ids."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, x: Tensor, parts: int) -> tuple[Tensor, ...]:
+        """[B, N, parts*D] -> parts x [B, H, N, Dh] views (no copies; last dim contiguous)."""
+        b, n, _ = x.shape
+        x = x.view(b, n, parts, self.num_heads, self.head_dim)
+        return tuple(x[:, :, i].transpose(1, 2) for i in range(parts))
+
+    def _merge(self, out: Tensor) -> Tensor:
+        b, _, n, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, x: Tensor, seg: Tensor, inclusive: bool = True) -> Tensor:
+        """Self-attention. x: [B, N, D], seg: [B, N] int32 -> [B, N, D]."""
+        q, k, v = self._heads(self.qkv(x), 3)
+        return self._merge(segment_attention(q, k, v, seg, seg, inclusive=inclusive, backend=self.backend))
+
+    def cross(self, x: Tensor, mem: Tensor, seg_q: Tensor, seg_k: Tensor, inclusive: bool = False) -> Tensor:
+        """Cross-attention: queries from x [B, Nq, D], keys/values from mem [B, Nk, D]."""
+        d = x.shape[-1]
+        (q,) = self._heads(F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d]), 1)
+        k, v = self._heads(F.linear(mem, self.qkv.weight[d:], self.qkv.bias[d:]), 2)
+        return self._merge(segment_attention(q, k, v, seg_q, seg_k, inclusive=inclusive, backend=self.backend))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out or dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. ``forward``: masked self-attention (encoder / content stream).
+    ``cross``: SAIM's query-stream use of a block — queries g attend to the content states h, both
+    through the same ``norm1`` (as in SAIM's official blocks)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, backend)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, seg: Tensor, inclusive: bool = True) -> Tensor:
+        x = x + self.attn(self.norm1(x), seg, inclusive)
+        return x + self.mlp(self.norm2(x))
+
+    def cross(self, g: Tensor, h: Tensor, seg_q: Tensor, seg_k: Tensor) -> Tensor:
+        g = g + self.attn.cross(self.norm1(g), self.norm1(h), seg_q, seg_k, inclusive=False)
+        return g + self.mlp(self.norm2(g))
+
+
+class DecoderBlock(nn.Module):
+    """RandSAC decoder layer (pre-norm): self-attention among the target queries (inclusive),
+    cross-attention into the (normalised) encoder memory (strict), MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.self_attn = Attention(dim, num_heads, backend)
+        self.norm2 = LayerNorm(dim)
+        self.norm_mem = LayerNorm(dim)
+        self.cross_attn = Attention(dim, num_heads, backend)
+        self.norm3 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, mem: Tensor, seg_q: Tensor, seg_k: Tensor) -> Tensor:
+        x = x + self.self_attn(self.norm1(x), seg_q, inclusive=True)
+        x = x + self.cross_attn.cross(self.norm2(x), self.norm_mem(mem), seg_q, seg_k, inclusive=False)
+        return x + self.mlp(self.norm3(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE initialisation: xavier-uniform linears (patch embedding as a linear), zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, PatchEmbed):
+            w = m.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(m.proj.bias)
+
+
+def set_backend(module: nn.Module, backend: str) -> None:
+    """Switch the attention backend of every Attention layer (e.g. for parity tests)."""
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+
+
+SIZES = {  # name: (embed_dim, depth, num_heads)
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}

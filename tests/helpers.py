@@ -1,0 +1,30 @@
+"""Shared test helpers: random segment ids and the FlashAttention-style tolerance rule."""
+from __future__ import annotations
+
+import torch
+
+
+def random_seg(batch: int, n: int, max_segments: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, N] int32 sorted, compact segment ids starting at 0 with a random number of segments."""
+    rows = []
+    for _ in range(batch):
+        k = int(torch.randint(1, max_segments + 1, (1,), generator=generator))
+        cuts = torch.randperm(max(n - 1, 0), generator=generator)[: k - 1] + 1
+        starts = torch.zeros(n, dtype=torch.int32)
+        starts[cuts] = 1
+        starts[0] = 0
+        rows.append(torch.cumsum(starts, 0).to(torch.int32))
+    return torch.stack(rows)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_close_by_rule(fast: torch.Tensor, plain: torch.Tensor, ref64: torch.Tensor, *, factor: float = 3.0,
+                         floor: float = 1e-6, what: str = "") -> None:
+    """FlashAttention rule: |fast - ref64| <= factor * |plain - ref64| + floor, where ``plain`` is
+    plain PyTorch in the same dtype as ``fast``."""
+    e_fast, e_plain = max_err(fast, ref64), max_err(plain, ref64)
+    assert torch.isfinite(fast).all(), f"{what}: non-finite values"
+    assert e_fast <= factor * e_plain + floor, f"{what}: error {e_fast:.3e} > {factor} x plain {e_plain:.3e} + {floor}"
