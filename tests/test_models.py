@@ -181,3 +181,19 @@ def test_training_step_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_train_flops_counts_visible_pairs_only():
+    from randsac_fast import ops, reference
+    seg = orders.sample("square:16", 2, 8, generator=torch.Generator().manual_seed(0)).seg
+    for inclusive in (True, False):
+        dense_count = reference.visibility(seg, seg, inclusive).sum(dim=(1, 2))
+        assert torch.equal(ops.visible_pairs(seg, seg, inclusive), dense_count)
+    m = models.build("randsac_vit_tiny", **TINY, decoder_depth=1)
+    r = orders.sample("square:16", 2, m.grid, generator=torch.Generator().manual_seed(0))
+    s = models.build("saim_vit_tiny", **TINY)
+    o = orders.sample("random", 2, s.grid, generator=torch.Generator().manual_seed(0))
+    # lower bound: 6 x params x tokens is the textbook count for the linears alone
+    for model, order in ((m, r), (s, o)):
+        f = model.train_flops(order)
+        assert f > 0 and f < 6 * 2 * sum(p.numel() for p in model.parameters()) * 64 * 2

@@ -210,6 +210,26 @@ class RandSAC(nn.Module):
         mask[rows[valid], split.dec_perm[valid]] = True
         return out, mask
 
+    def train_flops(self, order: SegmentOrder) -> float:
+        """FLOPs of one training step (forward + backward = 3x forward) on this batch of orders,
+        counting matmuls only and, in attention, only the visible (query, key) pairs."""
+        c, d = self.config, self.config.embed_dim
+        split = split_order(order)
+        b, le = split.enc_perm.shape
+        ld = split.dec_perm.shape[1]
+        k = c.patch_size ** 2 * c.in_chans
+        mlp = 2 * int(d * c.mlp_ratio) * d
+        fwd = 2 * b * self.num_tokens * k * d                                  # patch embedding
+        fwd += c.depth * 2 * b * le * (4 * d * d + mlp)                        # encoder linears
+        fwd += c.depth * 4 * d * float(ops.visible_pairs(split.enc_seg, split.enc_seg, True).sum())
+        fwd += c.decoder_depth * 2 * b * (ld * (6 * d * d + mlp) + le * 2 * d * d)   # decoder linears
+        fwd += c.decoder_depth * 4 * d * float(ops.visible_pairs(split.dec_seg, split.dec_seg, True).sum()
+                                               + ops.visible_pairs(split.dec_seg, split.enc_seg, False).sum())
+        if self.skip_weight is not None:
+            fwd += 2 * c.decoder_depth * c.depth * b * le * d
+        fwd += 2 * b * ld * d * k                                              # head
+        return 3.0 * fwd
+
     def forward_features(self, images: Tensor) -> Tensor:
         """Unmasked encoder (evaluation): [B, N, D] after the final norm, raster order."""
         x = self.embed(images)

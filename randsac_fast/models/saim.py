@@ -134,6 +134,23 @@ class SAIM(nn.Module):
         out = torch.empty_like(pred).scatter_(1, perm[..., None].expand_as(pred), pred)
         return out, torch.ones(perm.shape, dtype=torch.bool, device=perm.device)
 
+    def train_flops(self, order: SegmentOrder) -> float:
+        """FLOPs of one training step (3x forward), matmuls only, visible attention pairs only."""
+        c, d = self.config, self.config.embed_dim
+        b, n = order.perm.shape
+        k = c.patch_size ** 2 * c.in_chans
+        mlp = 2 * int(d * c.mlp_ratio) * d
+        seg_q = order.seg + 1
+        seg_c = torch.cat([torch.zeros_like(seg_q[:, :1]), seg_q], 1)
+        fwd = 2 * b * n * k * d
+        fwd += c.depth * (2 * b * (n + 1) * (4 * d * d + mlp)
+                          + 4 * d * float(ops.visible_pairs(seg_c, seg_c, True).sum()))
+        fwd += c.query_depth * (2 * b * (n * (2 * d * d + mlp) + (n + 1) * 2 * d * d)
+                                + 4 * d * float(ops.visible_pairs(seg_q, seg_c, False).sum()))
+        head = 2 * d * int(d * c.mlp_ratio) + 2 * int(d * c.mlp_ratio) * k if c.head == "mlp" else 2 * d * k
+        fwd += b * n * head
+        return 3.0 * fwd
+
     def forward_features(self, images: Tensor) -> Tensor:
         """Unmasked encoder (evaluation): [B, 1 + N, D] after the final norm, cls first."""
         perm = torch.arange(self.num_tokens, device=images.device).expand(images.shape[0], -1)

@@ -103,3 +103,12 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Ten
     fn = resolve("segment_attention", backend, _TABLE, q.device,
                  auto_order(q.device, ("triton", "cuda"), ("sdpa",)))
     return fn(q, k, v, seg_q, seg_k, bool(inclusive), float(scale))
+
+
+def visible_pairs(seg_q: Tensor, seg_k: Tensor, inclusive: bool) -> Tensor:
+    """[B] number of visible (query, key) pairs, from sorted seg ids in O(N log N) — no mask.
+
+    Query i sees the key prefix of length ``searchsorted(seg_k, seg_q[i], right=inclusive)``.
+    """
+    kv_len = torch.searchsorted(seg_k.contiguous(), seg_q.contiguous(), right=inclusive)
+    return kv_len.sum(dim=1)
