@@ -20,13 +20,21 @@ class BackendUnavailable(RuntimeError):
 
 
 def lazy(module: str, attr: str) -> Callable[[], Callable]:
-    """A loader that imports ``randsac_fast.<module>.<attr>`` on first use."""
+    """A loader that imports ``randsac_fast.<module>.<attr>`` on first use and caches it.
+
+    The cache matters for ``torch.compile(fullgraph=True)``: dynamo cannot trace an import, but it
+    can trace a lookup of an already-loaded function (resolve once eagerly, e.g. when the model is
+    first run, before compiling)."""
+    cache: list = []
+
     def load():
-        try:
-            mod = importlib.import_module(f"randsac_fast.{module}")
-        except ImportError as e:  # a missing optional dependency
-            raise BackendUnavailable(str(e)) from e
-        return getattr(mod, attr)
+        if not cache:
+            try:
+                mod = importlib.import_module(f"randsac_fast.{module}")
+            except ImportError as e:  # a missing optional dependency
+                raise BackendUnavailable(str(e)) from e
+            cache.append(getattr(mod, attr))
+        return cache[0]
     return load
 
 
