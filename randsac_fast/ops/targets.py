@@ -104,6 +104,8 @@ def patch_loss(pred: Tensor, images: Tensor, patch_size: int, perm: Tensor, vali
     b, c, h, w = images.shape
     validate_perm(perm, b, (h // patch_size) * (w // patch_size), images.device)
     k = patch_size * patch_size * c
+    if pred.device != images.device:
+        raise ValueError(f"pred is on {pred.device} but images are on {images.device}; move both to one device")
     if pred.dim() != 3 or pred.shape[0] != b or pred.shape[1] != perm.shape[1] or pred.shape[2] != k:
         raise ValueError(f"pred must be [B, N', P*P*C] = [{b}, {perm.shape[1]}, {k}]; got {tuple(pred.shape)}")
     if valid is not None and (valid.dtype != torch.bool or valid.shape != perm.shape):

@@ -1,0 +1,81 @@
+"""Triton backend of :func:`skip_memory` (see ``skip.py``), registered with ``torch.library`` as
+``randsac_fast::skip_memory_triton`` with a one-pass backward op producing dH and dW together.
+
+hidden: [Lenc, B, N, D] (made contiguous), weight: [Ldec, Lenc] -> [Ldec, B, N, D] in hidden's
+dtype; accumulation is fp32 with the weight kept in its own precision. dW comes back in weight's
+dtype and is bitwise reproducible (fixed-order reduction of per-program partial sums).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..kernels import triton_skip as kern  # ImportError (-> BackendUnavailable) without triton
+from .targets_triton import check_device
+
+_NUM_WARPS = 8
+
+
+def _pow2(n: int) -> int:
+    return kern.triton.next_power_of_2(max(n, 1))
+
+
+@torch.library.custom_op("randsac_fast::skip_memory_triton", mutates_args=())
+def _skip_op(hidden: Tensor, weight: Tensor) -> Tensor:
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    lenc, ldec = hidden.shape[0], weight.shape[0]
+    out = hidden.new_empty(ldec, *hidden.shape[1:])
+    m = math.prod(hidden.shape[1:])                 # B*N*D: one state, flattened
+    if m and ldec:
+        grid = (kern.num_blocks(m),)
+        kern.skip_fwd_kernel[grid](hidden, weight, out, m, ldec, LENC=lenc, LD=_pow2(ldec), BLOCK=kern.BLOCK,
+                                   num_warps=_NUM_WARPS)
+    return out
+
+
+@_skip_op.register_fake
+def _(hidden, weight):
+    return hidden.new_empty(weight.shape[0], *hidden.shape[1:])
+
+
+@torch.library.custom_op("randsac_fast::skip_memory_triton_backward", mutates_args=())
+def _skip_backward_op(grad: Tensor, hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    grad, hidden, weight = grad.contiguous(), hidden.contiguous(), weight.contiguous()
+    lenc, ldec = hidden.shape[0], weight.shape[0]
+    m = math.prod(hidden.shape[1:])                 # B*N*D: one state, flattened
+    d_hidden = torch.empty_like(hidden)
+    n_blocks = kern.num_blocks(m)
+    programs = max(min(n_blocks, kern.MAX_BWD_PROGRAMS), 1)
+    ld, lk = _pow2(ldec), _pow2(lenc)
+    partial = torch.zeros(programs, ld, lk, dtype=torch.float32, device=hidden.device)
+    if m and lenc:
+        kern.skip_bwd_kernel[(programs,)](grad, hidden, weight, d_hidden, partial, m, ldec, n_blocks,
+                                          LENC=lenc, LD=ld, LK=lk, BLOCK=kern.BLOCK, num_warps=_NUM_WARPS)
+    d_weight = partial.sum(dim=0)[:ldec, :lenc].to(weight.dtype).contiguous()
+    return d_hidden, d_weight
+
+
+@_skip_backward_op.register_fake
+def _(grad, hidden, weight):
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    hidden, weight = ctx.saved_tensors
+    return _skip_backward_op(grad, hidden, weight)
+
+
+_skip_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def skip_memory_triton(hidden: Tensor, weight: Tensor) -> Tensor:
+    """Z[l] = sum_k weight[l, k] hidden[k]: [Lenc, B, N, D], [Ldec, Lenc] -> [Ldec, B, N, D]."""
+    check_device("skip_memory", hidden, weight)
+    return _skip_op(hidden, weight)
