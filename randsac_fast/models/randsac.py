@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..orders import SegmentOrder
-from .vit import Block, DecoderBlock, LayerNorm, PatchEmbed, init_weights, sincos_2d
+from .vit import DecoderBlock, LayerNorm, ViTEncoder, gather_rows, init_weights
 
 #: seg id of padding rows: larger than any real segment rank, so padded keys are invisible.
 SENTINEL = 2 ** 30
@@ -104,28 +104,13 @@ def split_order(order: SegmentOrder, pad: bool | None = None) -> EncDecSplit:
     return EncDecSplit(enc_perm, enc_seg, dec_perm, dec_seg, dec_valid)
 
 
-def gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x: [B, N, D] (or [1, N, D]), index: [B, M] -> [B, M, D]."""
-    x = x.expand(index.shape[0], -1, -1)
-    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-class RandSAC(nn.Module):
+class RandSAC(ViTEncoder):
     num_prefix_tokens = 0
 
     def __init__(self, config: RandSACConfig | None = None, **overrides):
-        super().__init__()
         cfg = config or RandSACConfig(**overrides)
-        self.config = cfg
+        super().__init__(cfg, cls_token=False, persistent_pos=False)
         d = cfg.embed_dim
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)
-        self.grid = self.patch_embed.grid
-        self.img_size, self.patch_size, self.in_chans = cfg.img_size, cfg.patch_size, cfg.in_chans
-        self.num_tokens = self.patch_embed.num_patches
-        self.register_buffer("pos_embed", torch.from_numpy(sincos_2d(d, *self.grid)).float()[None],
-                             persistent=False)
-        self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.backend) for _ in range(cfg.depth))
-        self.norm = LayerNorm(d)
         dec_heads = cfg.decoder_num_heads or cfg.num_heads
         self.decoder_blocks = nn.ModuleList(DecoderBlock(d, dec_heads, cfg.mlp_ratio, cfg.backend)
                                             for _ in range(cfg.decoder_depth))
@@ -140,15 +125,6 @@ class RandSAC(nn.Module):
             self.skip_weight = nn.Parameter(w)
         else:
             self.skip_weight = None
-
-    # ---- backends ----------------------------------------------------------------------------
-    @property
-    def backend(self) -> str:
-        return self.config.backend
-
-    def aux_backend(self) -> str:
-        """Backend for the targets / skip-memory ops: fused Triton where attention is fast."""
-        return "reference" if self.backend in ("reference", "sdpa", "flex", "xformers") else "auto"
 
     # ---- encoder -----------------------------------------------------------------------------
     def embed(self, images: Tensor) -> Tensor:
@@ -185,9 +161,7 @@ class RandSAC(nn.Module):
 
     def forward_permuted(self, images: Tensor, order: SegmentOrder, pad: bool | None = None):
         """-> (pred [B, Ld, P*P*C] in serial order, split)."""
-        if order.num_tokens != self.num_tokens:
-            raise ValueError(f"order has {order.num_tokens} tokens but the model's grid {self.grid} has "
-                             f"{self.num_tokens}; sample the order with grid={self.grid}")
+        self.check_order(order)
         split = split_order(order.to(images.device), pad)
         memory = self.forward_encoder(images, split)
         return self.forward_decoder(memory, split, memory[0].dtype), split

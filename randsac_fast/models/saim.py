@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..orders import SegmentOrder
-from .randsac import gather_rows
-from .vit import Block, LayerNorm, Mlp, PatchEmbed, init_weights, sincos_2d
+from .vit import Block, Mlp, ViTEncoder, gather_rows, init_weights
 
 
 @dataclass
@@ -61,39 +60,24 @@ class SAIMConfig:
             raise ValueError(f"query_depth must divide depth ({self.depth}); got {self.query_depth}")
 
 
-class SAIM(nn.Module):
+class SAIM(ViTEncoder):
     num_prefix_tokens = 1
 
     def __init__(self, config: SAIMConfig | None = None, **overrides):
-        super().__init__()
         cfg = config or SAIMConfig(**overrides)
-        self.config = cfg
+        super().__init__(cfg, cls_token=True, persistent_pos=True)
         d = cfg.embed_dim
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)
-        self.grid = self.patch_embed.grid
-        self.img_size, self.patch_size, self.in_chans = cfg.img_size, cfg.patch_size, cfg.in_chans
-        self.num_tokens = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.register_buffer("pos_embed", torch.from_numpy(sincos_2d(d, *self.grid, cls_token=True)).float()[None])
-        self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.backend) for _ in range(cfg.depth))
         if cfg.share_weight:
             self.query_blocks = self.blocks
         else:
             self.query_blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.backend)
                                               for _ in range(cfg.query_depth))
         self.step = cfg.depth // cfg.query_depth
-        self.norm = LayerNorm(d)
         out = cfg.patch_size ** 2 * cfg.in_chans
         self.prediction_head = Mlp(d, int(d * cfg.mlp_ratio), out) if cfg.head == "mlp" else nn.Linear(d, out)
         init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)
-
-    @property
-    def backend(self) -> str:
-        return self.config.backend
-
-    def aux_backend(self) -> str:
-        return "reference" if self.backend in ("reference", "sdpa", "flex", "xformers") else "auto"
 
     def content_input(self, images: Tensor, perm: Tensor) -> Tensor:
         """[cls] + patch tokens in serial order, with position embeddings: [B, 1 + N, D]."""
@@ -104,9 +88,7 @@ class SAIM(nn.Module):
 
     def forward_saim(self, images: Tensor, order: SegmentOrder) -> Tensor:
         """-> predictions [B, N, P*P*C] for the tokens in serial order."""
-        if order.num_tokens != self.num_tokens:
-            raise ValueError(f"order has {order.num_tokens} tokens but the model's grid {self.grid} has "
-                             f"{self.num_tokens}; sample the order with grid={self.grid}")
+        self.check_order(order)
         order = order.to(images.device)
         seg_q = order.seg + 1                                            # token segments after cls
         seg_c = torch.cat([torch.zeros_like(seg_q[:, :1]), seg_q], 1)   # content stream: cls = 0

@@ -177,6 +177,46 @@ def set_backend(module: nn.Module, backend: str) -> None:
             m.backend = backend
 
 
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x: [B, N, D] (or [1, N, D]), index: [B, M] -> [B, M, D]."""
+    x = x.expand(index.shape[0], -1, -1)
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class ViTEncoder(nn.Module):
+    """What RandSAC and SAIM share: patch embedding, fixed position embeddings, encoder blocks, norm.
+
+    ``config`` needs img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, backend.
+    """
+
+    num_prefix_tokens = 0
+
+    def __init__(self, config, cls_token: bool, persistent_pos: bool):
+        super().__init__()
+        self.config = c = config
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
+        self.grid = self.patch_embed.grid
+        self.img_size, self.patch_size, self.in_chans = c.img_size, c.patch_size, c.in_chans
+        self.num_tokens = self.patch_embed.num_patches
+        pos = torch.from_numpy(sincos_2d(c.embed_dim, *self.grid, cls_token=cls_token)).float()[None]
+        self.register_buffer("pos_embed", pos, persistent=persistent_pos)
+        self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.backend) for _ in range(c.depth))
+        self.norm = LayerNorm(c.embed_dim)
+
+    @property
+    def backend(self) -> str:
+        return self.config.backend
+
+    def aux_backend(self) -> str:
+        """Backend for the targets / skip-memory ops: fused Triton where attention is fast."""
+        return "reference" if self.backend in ("reference", "sdpa", "flex", "xformers") else "auto"
+
+    def check_order(self, order) -> None:
+        if order.num_tokens != self.num_tokens:
+            raise ValueError(f"order has {order.num_tokens} tokens but the model's grid {self.grid} has "
+                             f"{self.num_tokens}; sample the order with grid={self.grid}")
+
+
 SIZES = {  # name: (embed_dim, depth, num_heads)
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
