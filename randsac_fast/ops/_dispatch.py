@@ -81,5 +81,5 @@ def set_checks(enabled: bool) -> None:
 
 def checks_enabled(flag: bool | None) -> bool:
     if flag is not None:
-        return flag and not torch.compiler.is_compiling()
-    return _CHECKS and not torch.compiler.is_compiling()
+        return not torch.compiler.is_compiling() and flag
+    return not torch.compiler.is_compiling() and _CHECKS
