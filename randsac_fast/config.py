@@ -1,0 +1,277 @@
+"""Trainer configuration: one typed structure, filled from a preset, then from command-line flags.
+
+Sections mirror the trainer's component files (model, data, optim, train). Every field carries a
+one-line doc that becomes its ``--help`` text; every field is a flag ``--field-name``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config", "PRESETS", "parse_args",
+           "to_dict"]
+
+
+def doc(text: str, default=None, **kw):
+    """A dataclass field with a one-line doc (shown by --help)."""
+    if "default_factory" in kw:
+        return field(metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ModelConfig:
+    model: str = doc("model name: randsac_vit_{tiny,small,base,large} or saim_vit_{tiny,small,base,large}",
+                     "randsac_vit_tiny")
+    img_size: int = doc("input image side in pixels (images are cropped/resized to it)", 32)
+    patch_size: int = doc("patch side in pixels; img_size must be a multiple of it", 4)
+    embed_dim: int | None = doc("encoder width (None: the model's default)")
+    depth: int | None = doc("encoder blocks (None: the model's default)")
+    num_heads: int | None = doc("encoder attention heads (None: the model's default)")
+    decoder_depth: int | None = doc("RandSAC decoder blocks (None: the model's default)")
+    decoder_num_heads: int | None = doc("RandSAC decoder attention heads (None: the model's default)")
+    query_depth: int | None = doc("SAIM query-stream blocks (None: the model's default)")
+    share_weight: bool | None = doc("SAIM: query stream shares the encoder's weights")
+    head: str | None = doc("SAIM prediction head: mlp or linear")
+    skip_memory: bool | None = doc("RandSAC: trainable skip connections from every encoder layer")
+    blur_kernel: int | None = doc("Gaussian blur kernel of the targets (0: none; SAIM uses 9)")
+    blur_sigma: float | None = doc("Gaussian blur sigma of the targets")
+    norm_pix: bool | None = doc("regress per-patch normalised pixels (MAE norm-pix)")
+    loss: str | None = doc("reconstruction loss: mse or l1")
+    backend: str = doc("attention/ops backend: auto, reference, sdpa, flex, xformers, triton, cuda", "auto")
+
+
+@dataclass
+class DataConfig:
+    data: str = doc("digits (built in), synthetic, or a directory: ImageFolder tree or CIFAR-10/100 "
+                    "python pickles", "digits")
+    crop_scale: tuple[float, float] = doc("RandomResizedCrop area scale range",
+                                          default_factory=lambda: (0.2, 1.0))
+    crop_ratio: tuple[float, float] = doc("RandomResizedCrop aspect-ratio range",
+                                          default_factory=lambda: (3 / 4, 4 / 3))
+    hflip: bool = doc("random horizontal flip with probability 0.5", True)
+    mean: tuple[float, ...] | None = doc("normalisation mean per channel (None: the data set's own)")
+    std: tuple[float, ...] | None = doc("normalisation std per channel (None: the data set's own)")
+    workers: int = doc("dataloader worker processes per rank", 0)
+    synthetic_size: int = doc("number of images of the synthetic source", 4096)
+
+
+@dataclass
+class OptimConfig:
+    blr: float = doc("base learning rate; lr = blr * effective batch / 256", 1.5e-4)
+    min_lr: float = doc("final learning rate of the cosine decay", 0.0)
+    weight_decay: float = doc("AdamW weight decay (not applied to biases, norms, 1-D params)", 0.05)
+    betas: tuple[float, float] = doc("AdamW betas", default_factory=lambda: (0.9, 0.95))
+    warmup_steps: int | None = doc("linear warmup in optimizer steps (None: from warmup_epochs)")
+    warmup_epochs: float = doc("linear warmup in epochs (used when warmup_steps is None)", 0.0)
+    clip_grad: float | None = doc("clip the gradient norm to this value (None: no clipping)")
+
+
+@dataclass
+class TrainConfig:
+    out: str = doc("run directory: config, metrics.jsonl, checkpoints", "runs/default")
+    steps: int | None = doc("optimizer steps to train (overrides epochs)")
+    epochs: float = doc("epochs to train when steps is None", 1.0)
+    batch_size: int = doc("images per rank per micro-batch", 64)
+    accum: int = doc("gradient accumulation micro-batches per optimizer step", 1)
+    seed: int = doc("random seed (model init, data order, augmentation, segment orders)", 0)
+    order: str = doc("segment-order spec, e.g. random, raster, square:16/4, blob:11/5", "square:16/4")
+    resume: str | None = doc("'latest' (newest checkpoint in --out) or a checkpoint directory")
+    ckpt_every: int = doc("save a checkpoint every K optimizer steps (0: only at the end)", 0)
+    keep: int = doc("keep the last K checkpoints", 2)
+    log_every: int = doc("log metrics every K optimizer steps", 10)
+    compile: bool = doc("torch.compile each transformer block", False)
+    ac: bool = doc("activation checkpointing of each transformer block", False)
+    probe: bool = doc("after training, fit a linear probe on frozen avg-pooled features (digits only)",
+                      False)
+    device: str = doc("cuda or cpu (default: cuda when available)", "auto")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "digits"
+    flags: list[str] = field(default_factory=list)   # the fields set on the command line
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: the papers' settings (source next to each) and the built-in digits demo
+# --------------------------------------------------------------------------------------------
+_CIFAR = dict(img_size=32, patch_size=4, data="cifar10", crop_scale=(0.2, 1.0), blr=1e-3,
+              weight_decay=0.05, betas=(0.9, 0.999), batch_size=512, warmup_epochs=10, epochs=1600,
+              norm_pix=True)
+
+PRESETS: dict[str, tuple[str, dict]] = {
+    "digits": (
+        "built-in demo: a tiny RandSAC ViT (4 encoder blocks, 1 decoder block, width 64) on the 8x8 "
+        "digits with 2x2 patches, pre-trained on 75% of the images, then a linear probe on the rest",
+        dict(model="randsac_vit_tiny", img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=2,
+             decoder_depth=1, decoder_num_heads=2, norm_pix=False, order="square:4", data="digits",
+             crop_scale=(0.8, 1.0), hflip=False, batch_size=64, blr=8e-3, betas=(0.9, 0.95),
+             weight_decay=0.05, warmup_steps=20, steps=1000, log_every=50, probe=True,
+             out="runs/digits")),
+    "randsac_cifar10_square": (
+        "RandSAC (Hua et al.) Sec. 5 + App. D.1, Tables 14/16: ViT-T, 32x32, P=4, 3-layer decoder, "
+        "square 16->4, AdamW blr 1e-3 wd 0.05 betas (0.9, 0.999), batch 512, 10 warmup / 1600 epochs",
+        dict(_CIFAR, model="randsac_vit_tiny", decoder_depth=3, order="square:16/4",
+             out="runs/randsac_cifar10_square")),
+    "randsac_cifar10_blob": (
+        "RandSAC (Hua et al.) Sec. 5 + App. D.1: as randsac_cifar10_square with blob 11->5 segments",
+        dict(_CIFAR, model="randsac_vit_tiny", decoder_depth=3, order="blob:11/5",
+             out="runs/randsac_cifar10_blob")),
+    "randsac_lowdata_cifar_vits": (
+        "RandSAC (Hua et al.) Table 7 + App. D.1 low-data: ViT-S, 32x32, P=4, 6-layer decoder, "
+        "square 16->4, CIFAR-10 (set --data to a CIFAR-100 directory for C-100)",
+        dict(_CIFAR, model="randsac_vit_small", decoder_depth=6, order="square:16/4",
+             out="runs/randsac_lowdata_vits")),
+    "randsac_in100_vits": (
+        "RandSAC (Hua et al.) App. D (ImageNet100 setting): ViT-S, 224x224, P=16 (14x14 tokens), "
+        "4-layer decoder with double the encoder's heads (12)",
+        dict(model="randsac_vit_small", img_size=224, patch_size=16, decoder_depth=4,
+             decoder_num_heads=12, order="square:16/4", data="imagenet100", crop_scale=(0.2, 1.0),
+             blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, warmup_epochs=10,
+             epochs=400, norm_pix=True, out="runs/randsac_in100_vits")),
+    "randsac_in1k_vitb": (
+        "RandSAC (Hua et al.) App. D.2: ViT-B, 192x192 pre-training, P=16, square 16->4, "
+        "8-layer decoder (MAE-style AdamW recipe, blr 1.5e-4, betas (0.9, 0.95))",
+        dict(model="randsac_vit_base", img_size=192, patch_size=16, decoder_depth=8,
+             order="square:16/4", data="imagenet", crop_scale=(0.2, 1.0), blr=1.5e-4,
+             weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, warmup_epochs=40, epochs=800,
+             norm_pix=True, out="runs/randsac_in1k_vitb")),
+    "saim_in1k_vitb": (
+        "SAIM (Qi et al.) Sec. 4 + App. C Table 6: ViT-B, 224, query_depth 12, Gaussian blur 9 / "
+        "sigma 1, norm-pix, AdamW blr 2e-4 wd 0.05 betas (0.9, 0.95), batch 2048, 30 warmup / 800 "
+        "epochs, crop scale (0.67, 1)",
+        dict(model="saim_vit_base", img_size=224, patch_size=16, query_depth=12, blur_kernel=9,
+             blur_sigma=1.0, norm_pix=True, order="random", data="imagenet", crop_scale=(0.67, 1.0),
+             blr=2e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, warmup_epochs=30,
+             epochs=800, out="runs/saim_in1k_vitb")),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Flat field access and CLI parsing
+# --------------------------------------------------------------------------------------------
+_SECTIONS = ("model", "data", "optim", "train")
+
+
+def _fields(cfg: Config):
+    """Yield (section object, dataclass field) for every leaf field."""
+    for name in _SECTIONS:
+        sec = getattr(cfg, name)
+        for f in dataclasses.fields(sec):
+            yield sec, f
+
+
+def _hints(section_cls) -> dict:
+    return typing.get_type_hints(section_cls)
+
+
+def _parser_for(tp):
+    """Turn a type hint into a string parser that raises ValueError naming the bad value."""
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    if optional:
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+
+    def scalar(kind):
+        def parse(text: str):
+            if optional and text.lower() in ("none", "null"):
+                return None
+            if kind is bool:
+                low = text.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(f"expected true or false, got {text!r}")
+            try:
+                return kind(text)
+            except ValueError:
+                raise ValueError(f"expected {kind.__name__}, got {text!r}") from None
+        return parse
+
+    if origin is tuple:
+        item = scalar(args[0])
+        length = None if (len(args) == 2 and args[1] is Ellipsis) else len(args)
+
+        def parse_tuple(text: str):
+            if optional and text.lower() in ("none", "null"):
+                return None
+            vals = tuple(item(t) for t in text.split(","))
+            if length is not None and len(vals) != length:
+                raise ValueError(f"expected {length} comma-separated values, got {text!r}")
+            return vals
+        return parse_tuple
+    return scalar(tp)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    presets = "\n".join(f"  {k}: {src}" for k, (src, _) in PRESETS.items())
+    p = argparse.ArgumentParser(
+        prog="python -m randsac_fast.train",
+        description="RandSAC / SAIM pre-training (FSDP2; torchrun for several processes). Values come "
+                    "from --preset, then the flags given.",
+        epilog="presets:\n" + presets, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="digits", help="settings to start from (see below)")
+    cfg = Config()
+    for sec, f in _fields(cfg):
+        hint = _hints(type(sec))[f.name]
+        default = getattr(sec, f.name)
+        p.add_argument(_flag(f.name), dest=f.name, type=_as_argparse(_parser_for(hint), f.name),
+                       default=argparse.SUPPRESS, metavar=f.name.upper(),
+                       help=f"{f.metadata['doc']} (default {default})")
+    return p
+
+
+def _as_argparse(parse, name):
+    def wrapped(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: {e}") from None
+    wrapped.__name__ = name
+    return wrapped
+
+
+def apply(cfg: Config, values: dict) -> Config:
+    """Set leaf fields by name; unknown names raise ValueError."""
+    known = {f.name: sec for sec, f in _fields(cfg)}
+    for key, val in values.items():
+        if key not in known:
+            raise ValueError(f"unknown config field {key!r}; see --help for the fields")
+        setattr(known[key], key, val)
+    return cfg
+
+
+def parse_args(argv=None) -> Config:
+    """Preset, then flags. Unknown preset or flag, or a bad value: argparse error (exit code 2)."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    values = vars(ns)
+    preset = values.pop("preset")
+    if preset not in PRESETS:
+        parser.error(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = apply(Config(preset=preset), dict(PRESETS[preset][1]))
+    cfg.flags = sorted(values)
+    return apply(cfg, values)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dumps(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2)

@@ -1,0 +1,255 @@
+"""Pre-train a RandSAC / SAIM ViT: ``torchrun --nproc_per_node=N -m randsac_fast.train [flags]``.
+
+Also runs as one process (``python -m randsac_fast.train``). With no flags it runs the built-in
+demo: a tiny RandSAC ViT on scikit-learn's digits, then a linear probe of the frozen encoder.
+
+Reads top to bottom: config -> data -> model (FSDP2) -> optimizer -> resume -> loop -> probe.
+The components live in config.py, data.py, parallel.py, schedule.py, checkpoint.py, metrics.py
+and probe.py; the Trainer below is the glue.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import config as config_mod
+from . import data as data_mod
+from . import models, ops, orders
+from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .metrics import MetricsLogger, flops_per_image, peak_flops
+from .parallel import init_distributed, parallelize
+from .probe import linear_probe_accuracy
+from .schedule import lr_at, scaled_lr, set_lr
+
+# Model fields passed to models.build only when set (None: the model's own default).
+_MODEL_OVERRIDES = ("embed_dim", "depth", "num_heads", "decoder_depth", "decoder_num_heads", "query_depth",
+                    "share_weight", "head", "skip_memory", "blur_kernel", "blur_sigma", "norm_pix", "loss")
+# Fields only one family has: a preset's value is dropped for the other family, a flag is passed on
+# (and rejected by models.build with a clear error).
+_FAMILY_ONLY = {"randsac": ("query_depth", "share_weight", "head"),
+                "saim": ("decoder_depth", "decoder_num_heads", "skip_memory")}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message says where to resume from."""
+
+
+def build_model(cfg: config_mod.ModelConfig, in_chans: int, flags=()) -> nn.Module:
+    if cfg.img_size % cfg.patch_size:
+        raise ValueError(f"image size {cfg.img_size} is not divisible by patch size {cfg.patch_size}; "
+                         f"choose --img-size a multiple of {cfg.patch_size}")
+    other = _FAMILY_ONLY.get(cfg.model.partition("_")[0], ())
+    overrides = {k: getattr(cfg, k) for k in _MODEL_OVERRIDES
+                 if getattr(cfg, k) is not None and (k not in other or k in flags)}
+    return models.build(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=in_chans,
+                        backend=cfg.backend, **overrides)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases, norms and other 1-D parameters (MAE / timm convention)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class Trainer:
+    def __init__(self, cfg: config_mod.Config):
+        self.cfg = cfg
+        m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+        if t.batch_size < 1 or t.accum < 1:
+            raise ValueError(f"--batch-size and --accum must be >= 1; got {t.batch_size} and {t.accum}")
+        # ---- validate everything cheap before any process group or output exists -----------
+        self.source = data_mod.open_source(d.data, m.img_size, d.synthetic_size, split="train")
+        torch.manual_seed(t.seed)                    # identical initial weights on every rank
+        model = build_model(m, self.source.channels, cfg.flags)
+        self.order_spec = orders.check_fits(t.order, model.grid)
+        self.grid = model.grid
+
+        # ---- processes, run directory ------------------------------------------------------
+        self.dist = init_distributed(t.device)
+        self.device = self.dist.device
+        rank, world = self.dist.rank, self.dist.world
+        if self.dist.is_main:
+            os.makedirs(t.out, exist_ok=True)
+            with open(os.path.join(t.out, "config.json"), "w") as fh:
+                fh.write(config_mod.dumps(cfg))
+            print(f"config ({cfg.preset} preset + flags):\n{config_mod.dumps(cfg)}", flush=True)
+        dist.barrier()
+
+        # ---- data: per-rank shards, MAE augmentation ---------------------------------------
+        mean, std = d.mean or self.source.mean, d.std or self.source.std
+        self.norm = (mean, std)
+        augment = data_mod.Augment(m.img_size, d.crop_scale, d.crop_ratio, d.hflip, mean, std)
+        self.dataset = data_mod.AugmentedDataset(self.source, augment, t.seed)
+        self.batches = data_mod.ShardedBatches(len(self.source), t.batch_size, rank, world, t.seed)
+        steps_per_epoch = max(1, self.batches.per_epoch // t.accum)
+        self.total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
+        self.warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
+        self.global_batch = t.batch_size * t.accum * world
+        self.peak_lr = scaled_lr(o.blr, self.global_batch)
+
+        # ---- model: FSDP2 per block and at the root; optimizer -----------------------------
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.model = parallelize(model.to(self.device), self.dist, ac=t.ac, compile=t.compile)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=self.peak_lr,
+                                           betas=tuple(o.betas))
+        # Each rank draws its own orders (and augmentation noise) from its own generator.
+        torch.manual_seed(data_mod.sample_seed(t.seed, -3, rank))
+        self.order_gen = torch.Generator().manual_seed(data_mod.sample_seed(t.seed, -2, rank))
+
+        # ---- resume ------------------------------------------------------------------------
+        self.ckpt = Checkpointer(t.out, t.keep, rank, world)
+        self.step, self.micro = 0, 0
+        self.last_ckpt = None
+        if t.resume:
+            path = self.ckpt.resolve(t.resume)
+            if path is None:
+                self._say(f"--resume latest: no checkpoint in {t.out} yet; starting from scratch")
+            else:
+                meta, state = self.ckpt.load(path, self.model, self.optimizer)
+                if state is not None:
+                    set_rng_state(state, self.order_gen)
+                self.step, self.micro, self.last_ckpt = meta["step"], meta["micro"], path
+                self._say(f"resumed from {path} at step {self.step}")
+        self.metrics = MetricsLogger(t.out, self.dist.is_main, self.total_steps, self.step)
+        self.peak = peak_flops(self.device)
+
+    def _say(self, text: str) -> None:
+        if self.dist.is_main:
+            print(text, file=sys.stderr, flush=True)
+
+    # ---- one optimizer step: accum micro-batches ----------------------------------------------
+    def train_step(self, stream) -> tuple[torch.Tensor, torch.Tensor, int, object]:
+        t = self.cfg.train
+        set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup, self.peak_lr, self.cfg.optim.min_lr))
+        losses, skipped = [], 0
+        for a in range(t.accum):
+            images, _, bad = next(stream)
+            skipped += bad
+            images = images.to(self.device, non_blocking=True)
+            order = orders.sample(self.order_spec, images.shape[0], self.grid, generator=self.order_gen,
+                                  device=self.device)
+            # Reduce gradients across ranks only on the last micro-batch.
+            self.model.set_requires_gradient_sync(a == t.accum - 1)
+            loss = self.model(images, order)
+            (loss / t.accum).backward()
+            losses.append(loss.detach())
+            self.micro += 1
+        clip = self.cfg.optim.clip_grad
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return torch.stack(losses).mean(), grad_norm, skipped, order
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train(self) -> None:
+        t = self.cfg.train
+        stream = data_mod.batch_stream(self.dataset, self.batches, self.micro, self.cfg.data.workers,
+                                       pin_memory=self.device.type == "cuda")
+        pending: list[tuple[int, torch.Tensor]] = []   # (step, loss) not yet checked / logged
+        skipped, tick, tick_step = 0, time.perf_counter(), self.step
+        while self.step < self.total_steps:
+            loss, grad_norm, bad, order = self.train_step(stream)
+            if self.step == 1:
+                ops.set_checks(False)  # inputs are valid from here on; skip the per-call syncs
+            pending.append((self.step, loss))
+            skipped += bad
+            last = self.step == self.total_steps
+            save = last or (t.ckpt_every and self.step % t.ckpt_every == 0)
+            if save or self.step % t.log_every == 0:
+                losses = self._check_losses(pending)       # never checkpoint a non-finite model
+                elapsed = time.perf_counter() - tick
+                images = (self.step - tick_step) * self.global_batch
+                record = self._record(losses, _local(grad_norm), skipped, images / elapsed, order)
+                self.metrics.log(record)
+                pending, tick, tick_step = [], time.perf_counter(), self.step
+            if save:
+                self.save()
+        self.metrics.close()
+
+    def _check_losses(self, pending) -> list[tuple[int, float]]:
+        """Average each pending step's loss over ranks; stop on the first non-finite one."""
+        values = torch.stack([l for _, l in pending]).float()
+        dist.all_reduce(values)
+        values = (values / self.dist.world).tolist()
+        for (step, _), v in zip(pending, values):
+            if not math.isfinite(v):
+                where = (f"resume from the last good checkpoint {self.last_ckpt}" if self.last_ckpt
+                         else "no checkpoint was written yet")
+                raise TrainingError(f"non-finite loss {v} at step {step}; stopping ({where}); try a lower "
+                                    "--blr or --clip-grad")
+        return [(s, v) for (s, _), v in zip(pending, values)]
+
+    def _record(self, losses, grad_norm, skipped, img_per_s, order) -> dict:
+        bad = torch.tensor([skipped], dtype=torch.int64)
+        dist.all_reduce(bad)
+        record = {"step": self.step, "loss": losses[-1][1], "lr": self.optimizer.param_groups[0]["lr"],
+                  "grad_norm": float(grad_norm), "img_per_s": img_per_s, "skipped_images": int(bad),
+                  "epoch": self.micro / self.batches.per_epoch}
+        if len(losses) > 1:  # every step's loss, so curves (and exact-resume checks) see all of them
+            record["losses"] = [v for _, v in losses]
+        if self.peak:
+            fpi, how = flops_per_image(self.model, order, self.num_params)
+            record.update(mfu=fpi * img_per_s / (self.peak * self.dist.world), flops_counted_as=how,
+                          max_mem_gib=torch.cuda.max_memory_allocated(self.device) / 2**30)
+        return record
+
+    def save(self) -> None:
+        meta = {"micro": self.micro, "total_steps": self.total_steps, "warmup_steps": self.warmup,
+                "peak_lr": self.peak_lr, "config": config_mod.to_dict(self.cfg)}
+        self.last_ckpt = self.ckpt.save(self.step, self.model, self.optimizer, meta, rng_state(self.order_gen))
+
+    # ---- linear probe (digits) -----------------------------------------------------------------
+    def probe(self) -> tuple[float, float] | None:
+        """Rank 0: probe the trained encoder and a random-init one of the same seed. Collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.is_main:
+            return None
+        if self.cfg.data.data != "digits":
+            self._say("the built-in linear probe needs --data digits; skipped")
+            return None
+        m = self.cfg.model
+        train = data_mod.eval_images(data_mod.digits("train"), m.img_size, *self.norm)
+        test = data_mod.eval_images(data_mod.digits("test"), m.img_size, *self.norm)
+        torch.manual_seed(self.cfg.train.seed)     # the very weights the run started from
+        fresh = build_model(m, self.source.channels, self.cfg.flags)
+        random_acc = linear_probe_accuracy(fresh, train, test)
+        fresh.load_state_dict(full)
+        return linear_probe_accuracy(fresh, train, test), random_acc
+
+
+def main(argv=None) -> int:
+    cfg = config_mod.parse_args(argv)
+    try:
+        trainer = Trainer(cfg)
+        trainer.train()
+        result = trainer.probe() if cfg.train.probe else None
+    except (ValueError, FileNotFoundError, TrainingError, ops.BackendUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if result is not None:
+        trained, random_init = result
+        print(f"linear probe accuracy: {trained:.4f} (random-init encoder: {random_init:.4f})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
