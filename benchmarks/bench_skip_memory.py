@@ -18,8 +18,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_targets import DTYPES, copy_bandwidth, median_ms, parser, pick_device, provenance, report  # noqa: E402
+from _common import DTYPES, copy_bandwidth, median_ms, parser, pick_device, provenance, report  # noqa: E402
+
+CPU_NOTE = "cpu (Triton interpreter: smoke run, not a performance result)"
 
 
 def main() -> None:
@@ -63,8 +66,8 @@ def main() -> None:
                              "median_ms": round(ms, 4), "GB/s": round(nbytes / (ms * 1e-3) / 1e9, 1),
                              "frac_of_copy_bw": round(nbytes / (ms * 1e-3) / bw, 3), "min_bytes": nbytes})
         del hidden, grad_out
-    meta = {**provenance(device), "benchmark": "skip_memory", "Lenc": lenc, "Ldec": ldec, "batch": batch,
-            "dim": dim, "reps": reps, "copy_bandwidth_GBps": round(bw / 1e9, 1), "shapes": shapes}
+    meta = {**provenance(device, cpu_note=CPU_NOTE), "benchmark": "skip_memory", "Lenc": lenc, "Ldec": ldec,
+            "batch": batch, "dim": dim, "reps": reps, "copy_bandwidth_GBps": round(bw / 1e9, 1), "shapes": shapes}
     report("skip_memory", rows, ["case", "N", "backend", "median_ms", "GB/s", "frac_of_copy_bw"], meta, args.out)
 
 

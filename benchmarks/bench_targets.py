@@ -17,109 +17,18 @@ runs tiny shapes on the CPU as a smoke test of the script (its numbers are not p
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DTYPES, copy_bandwidth, median_ms, parser, pick_device, provenance, report  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ---- helpers shared by the benchmarks (bench_skip_memory imports them) -----------------------
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return torch.device("cpu")
-    raise SystemExit("this benchmark needs a CUDA device (or TRITON_INTERPRET=1 with --quick for a CPU "
-                     "smoke run of the script)")
+CPU_NOTE = "cpu (Triton interpreter: smoke run, not a performance result)"
 
 
-def median_ms(fn, device: torch.device, reps: int, warmup: int = 3) -> float:
-    """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device, reps: int, nbytes: int = 1 << 30) -> float:
-    """Bytes/s of a plain device copy (read + write): the ceiling for memory-bound kernels."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, reps)
-    return 2 * nbytes / (ms * 1e-3)
-
-
-def provenance(device: torch.device) -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                                  cwd=Path(__file__).resolve().parent).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                  else "cpu (Triton interpreter: smoke run, not a performance result)",
-        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def report(name: str, rows: list[dict], columns: list[str], meta: dict, out: str) -> Path:
-    """Print rows as a table and write {meta, rows} as JSON under ``out``."""
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)))
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = path / f"{name}_{stamp}.json"
-    path.write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    print(f"wrote {path}")
-    return path
-
-
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                   help="folder for the JSON results (default: benchmarks/results/)")
-    p.add_argument("--quick", action="store_true", help="small batch, few repetitions")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20, quick 5)")
-    return p
-
-
-# ---- this benchmark --------------------------------------------------------------------------
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="image and pred dtype")
@@ -170,7 +79,7 @@ def main() -> None:
                                  "backend": "pytorch" if backend == "reference" else backend,
                                  "median_ms": round(ms, 4), "GB/s": round(nbytes / (ms * 1e-3) / 1e9, 1),
                                  "frac_of_copy_bw": round(nbytes / (ms * 1e-3) / bw, 3), "min_bytes": nbytes})
-    meta = {**provenance(device), "benchmark": "targets", "batch": batch, "reps": reps,
+    meta = {**provenance(device, cpu_note=CPU_NOTE), "benchmark": "targets", "batch": batch, "reps": reps,
             "copy_bandwidth_GBps": round(bw / 1e9, 1), "shapes": shapes, "blur_sigma": 1.0, "norm_pix": True}
     report("targets", rows, ["case", "image", "blur_k", "backend", "median_ms", "GB/s", "frac_of_copy_bw"],
            meta, args.out)

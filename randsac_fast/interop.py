@@ -1,0 +1,557 @@
+"""Interoperability: load checkpoints, export the encoder to timm, import SAIM's official weights.
+
+* :func:`load_model` reads what the trainer writes (a ``step_XXXXXXXX`` checkpoint directory) or a
+  plain ``torch.save(model.state_dict())`` file, and returns our model.
+* :func:`to_timm` turns the encoder of a RandSAC or SAIM model into a state dict for timm's
+  ``VisionTransformer``; :func:`timm_kwargs` gives the constructor arguments under which timm's
+  ``forward_features`` equals our ``model.forward_features``:
+
+  - RandSAC has no cls token. timm must be built with ``class_token=False`` (its ``pos_embed``
+    is then [1, N, D]). A zero cls token would *not* be neutral: it would be a key every token
+    attends to, changing the features.
+  - Our encoder ends with a per-token LayerNorm, which is timm's ``norm``. timm moves that norm
+    after the pooling (``fc_norm``) whenever ``global_pool="avg"`` unless ``fc_norm=False`` is
+    passed; with ``fc_norm=False`` the pooled features equal our average-pooled features.
+
+      import timm
+      model = timm.create_model("vit_base_patch16_224", pretrained=False, **timm_kwargs(ours))
+      model.load_state_dict(to_timm(ours))          # strict: every key matches
+
+* :func:`from_saim_official` builds our SAIM model from a state dict of the official release
+  (github qiy20/SAIM ``models_saim.py``: separate q/k/v linears, ``blocks.*``, ``query_blocks.*``,
+  ``norm``, ``prediction_head``, ``cls_token``, ``pos_embed`` with a cls row).
+* :func:`interpolate_pos_embed` resamples a position-embedding table to another grid.
+
+CLI: ``python -m randsac_fast.interop export --ckpt PATH [--model NAME] --out FILE [--safetensors]``.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import re
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import models
+from .models import SAIM, RandSAC, SAIMConfig
+
+__all__ = ["to_timm", "timm_kwargs", "from_saim_official", "saim_official_config", "interpolate_pos_embed",
+           "load_model", "save_state_dict", "main"]
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+def _full(t: Tensor) -> Tensor:
+    """A detached, contiguous CPU copy (a sharded DTensor is gathered first)."""
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _listing(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _unwrap(state_dict) -> dict[str, Tensor]:
+    """Accept {'model': sd} / {'state_dict': sd} (MAE-style training checkpoints) and DDP's
+    ``module.`` prefix; return the bare state dict."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"expected a state dict (a dict of tensors); got {type(state_dict).__name__}")
+    for key in ("model", "state_dict"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def _block_count(sd: dict, prefix: str) -> int:
+    """Number of ``{prefix}.{i}.`` blocks in a state dict (0 when there are none)."""
+    ids = {int(m.group(1)) for k in sd for m in [re.match(rf"{re.escape(prefix)}\.(\d+)\.", k)] if m}
+    return max(ids) + 1 if ids else 0
+
+
+def _shares_blocks(sd: dict) -> bool:
+    """SAIM's share_weight: query_blocks *is* blocks, so a state dict holds the same tensors under
+    both prefixes (state_dict() lists a shared module once per name)."""
+    query = {k[len("query_"):]: v for k, v in sd.items() if k.startswith("query_blocks.")}
+    return bool(query) and _block_count(sd, "query_blocks") == _block_count(sd, "blocks") and all(
+        k in sd and sd[k].shape == v.shape and torch.equal(sd[k], v) for k, v in query.items())
+
+
+def _family(sd: dict) -> str:
+    """'randsac', 'saim' (our layout), 'saim_official', 'timm' or 'unknown', from key names alone."""
+    if "blocks.0.attn.q.weight" in sd:
+        return "saim_official"
+    if any(k.startswith("decoder_blocks.") for k in sd) or ("head.weight" in sd and "decoder_norm.weight" in sd):
+        return "randsac"
+    if any(k.startswith("query_blocks.") for k in sd) or "prediction_head.weight" in sd \
+            or "prediction_head.fc1.weight" in sd:
+        return "saim"
+    if "blocks.0.attn.qkv.weight" in sd:
+        return "timm"
+    return "unknown"
+
+
+_FAMILY_WORDS = {
+    "randsac": "a RandSAC model (decoder_blocks.*)",
+    "saim": "a SAIM model in randsac_fast's layout (fused attn.qkv)",
+    "saim_official": "an official SAIM checkpoint (separate attn.q/k/v)",
+    "timm": "a plain ViT encoder (timm layout: attn.qkv, no decoder or query stream)",
+    "unknown": "no model this package knows",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Position embeddings
+# --------------------------------------------------------------------------------------------
+def interpolate_pos_embed(pos_embed: Tensor, new_grid, *, old_grid=None, num_prefix_tokens: int = 0) -> Tensor:
+    """Resample a position-embedding table to another token grid (bicubic, as MAE / timm do for
+    fine-tuning at another resolution). Prefix rows (cls) are kept as they are.
+
+    pos_embed: [1, prefix + gh*gw, D]; new_grid: int or (gh', gw'); old_grid: (gh, gw), default
+    the square grid the row count implies. Returns [1, prefix + gh'*gw', D] in the input dtype.
+    """
+    from .orders import grid_shape
+    new_h, new_w = grid_shape(new_grid)
+    prefix, table = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    n, d = table.shape[1], table.shape[2]
+    if old_grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"pos_embed has {n} grid rows, which is not a square grid; pass old_grid=(h, w)")
+        old_grid = (side, side)
+    old_h, old_w = grid_shape(old_grid)
+    if old_h * old_w != n:
+        raise ValueError(f"old_grid {old_h}x{old_w} has {old_h * old_w} cells but pos_embed has {n} grid rows")
+    if (old_h, old_w) == (new_h, new_w):
+        return pos_embed.clone()
+    x = table.reshape(1, old_h, old_w, d).permute(0, 3, 1, 2).double()
+    x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False)
+    x = x.permute(0, 2, 3, 1).reshape(1, new_h * new_w, d).to(pos_embed.dtype)
+    return torch.cat([prefix, x], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Export to timm
+# --------------------------------------------------------------------------------------------
+def _check_model(model) -> None:
+    if not isinstance(model, (RandSAC, SAIM)):
+        raise TypeError(f"expected a RandSAC or SAIM model from randsac_fast.models.build; got {type(model).__name__}")
+
+
+def to_timm(model: nn.Module, *, fc_norm: bool = False) -> dict[str, Tensor]:
+    """The encoder of ``model`` as a timm ``VisionTransformer`` state dict (CPU tensors).
+
+    Keys: ``patch_embed.proj.*``, ``pos_embed`` ([1, N, D] for RandSAC, [1, 1 + N, D] with the cls
+    row for SAIM), ``cls_token`` (SAIM only), ``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2,
+    mlp.fc1, mlp.fc2}.*`` and the final norm as ``norm.*`` — or as ``fc_norm.*`` with
+    ``fc_norm=True`` (timm's avg-pool default, which normalises the pooled vector instead of each
+    token: a fine-tuning start, not the same features). Decoder / query stream / heads are dropped.
+    """
+    _check_model(model)
+    sd = model.state_dict()
+    out = {}
+    if isinstance(model, SAIM):
+        out["cls_token"] = sd["cls_token"]
+    out["pos_embed"] = model.pos_embed        # RandSAC keeps it as a non-persistent buffer
+    out.update({k: v for k, v in sd.items() if k.startswith(("patch_embed.", "blocks."))})
+    norm = "fc_norm" if fc_norm else "norm"
+    out[f"{norm}.weight"], out[f"{norm}.bias"] = sd["norm.weight"], sd["norm.bias"]
+    return {k: _full(v).float() for k, v in out.items()}          # float32: what timm builds
+
+
+def timm_kwargs(model: nn.Module, *, fc_norm: bool = False, global_pool: str = "avg") -> dict:
+    """Arguments for ``timm.create_model(name, pretrained=False, **kwargs)`` (or timm's
+    ``VisionTransformer(**kwargs)``) that fit :func:`to_timm`'s output. ``num_classes=0``: no
+    classifier (set it and load with ``strict=False`` to add a fresh head). ``global_pool``: 'avg'
+    (mean over patch tokens, the papers' linear-probe protocol) or 'token' (SAIM's cls token)."""
+    _check_model(model)
+    if global_pool not in ("avg", "token"):
+        raise ValueError(f"global_pool must be 'avg' or 'token'; got {global_pool!r}")
+    if global_pool == "token" and isinstance(model, RandSAC):
+        raise ValueError("global_pool='token' needs a cls token, which RandSAC does not have; use 'avg'")
+    blk = model.blocks[0]
+    return dict(img_size=tuple(model.img_size), patch_size=model.patch_size, in_chans=model.in_chans,
+                embed_dim=model.config.embed_dim, depth=len(model.blocks), num_heads=blk.attn.num_heads,
+                mlp_ratio=blk.mlp.fc1.out_features / model.config.embed_dim, qkv_bias=True,
+                class_token=isinstance(model, SAIM), global_pool=global_pool, fc_norm=fc_norm, num_classes=0)
+
+
+def save_state_dict(state_dict: dict[str, Tensor], path: str, *, safetensors: bool = False,
+                    metadata: dict[str, str] | None = None) -> None:
+    """``torch.save`` a state dict, or write it with safetensors (an optional dependency)."""
+    if safetensors:
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise ImportError("--safetensors needs the 'safetensors' package: pip install safetensors "
+                              "(or drop --safetensors to write a torch .pt file)") from None
+        save_file(state_dict, path, metadata=metadata)
+    else:
+        torch.save(state_dict, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Import of SAIM's official checkpoints
+# --------------------------------------------------------------------------------------------
+#: The official ``SaimViT`` constructor's defaults (models_saim.py), for arguments a state dict
+#: cannot tell. num_heads has no default here: it is ``embed_dim // 64`` unless given (every
+#: standard ViT size has 64-wide heads).
+_OFFICIAL_DEFAULTS = dict(img_size=224, patch_size=16, in_chans=3, mlp_ratio=4.0, query_depth=12,
+                          share_weight=False, prediction_head_type="MLP", gaussian_kernel_size=None,
+                          gaussian_sigma=None, loss_type="L2", norm_pix_loss=True, drop_path_rate=0.0)
+_OFFICIAL_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                  "query_depth", "share_weight", "prediction_head_type", "gaussian_kernel_size",
+                  "gaussian_sigma", "loss_type", "norm_pix_loss", "drop_path_rate")
+
+
+def _check_official(sd: dict) -> None:
+    family = _family(sd)
+    if family == "saim_official":
+        return
+    fix = {"randsac": "the SAIM importer reads SAIM checkpoints only; load a RandSAC state dict with "
+                      "randsac_fast.interop.load_model(path, 'randsac_vit_...') or model.load_state_dict",
+           "saim": "it is already in this package's layout; load it with model.load_state_dict or "
+                   "randsac_fast.interop.load_model",
+           "timm": "an encoder alone has no query stream to import for SAIM pre-training; load it into timm"}
+    raise ValueError(f"not an official SAIM state dict: it holds {_FAMILY_WORDS[family]} — "
+                     f"{fix.get(family, 'expected keys such as blocks.0.attn.q.weight')} "
+                     f"(keys: {_listing(sd, 6)})")
+
+
+def _blur_from_kernel(kernel: Tensor) -> tuple[int, float | None]:
+    """The official GaussianConv2d buffer [C, 1, k, k] -> (k, sigma). The kernel is
+    exp(-d^2 / (2 sigma^2)) normalised, so the ratio of the centre and its neighbour gives sigma."""
+    k = kernel.shape[-1]
+    if k < 2:
+        return k, None
+    c = (k - 1) // 2
+    ratio = float(kernel[0, 0, c, c + 1] / kernel[0, 0, c, c])
+    return k, math.sqrt(-1.0 / (2.0 * math.log(ratio)))
+
+
+def saim_official_config(state_dict) -> dict:
+    """The official constructor arguments a state dict determines: embed_dim, depth, patch_size,
+    in_chans, img_size (square grid), mlp_ratio, query_depth and share_weight (when the query
+    blocks are separate), prediction_head_type, gaussian_kernel_size / gaussian_sigma (from the
+    stored blur kernel). Arguments it cannot tell are absent."""
+    sd = _unwrap(state_dict)
+    _check_official(sd)
+    out = {}
+    if "cls_token" in sd:
+        out["embed_dim"] = sd["cls_token"].shape[-1]
+    out["depth"] = _block_count(sd, "blocks")
+    proj = sd.get("patch_embed.proj.weight")
+    if proj is not None:
+        out["in_chans"], out["patch_size"] = proj.shape[1], proj.shape[-1]
+        if proj.shape[-1] != proj.shape[-2]:
+            raise ValueError(f"patch_embed.proj.weight has non-square patches {tuple(proj.shape[-2:])}; "
+                             "only square patches are supported")
+        if "pos_embed" in sd:
+            n = sd["pos_embed"].shape[1] - 1
+            side = math.isqrt(n)
+            if side * side == n:
+                out["img_size"] = side * proj.shape[-1]
+    if "blocks.0.mlp.fc1.weight" in sd and "embed_dim" in out:
+        out["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / out["embed_dim"]
+    if "prediction_head.fc1.weight" in sd:
+        out["prediction_head_type"] = "MLP"
+    elif "prediction_head.weight" in sd:
+        out["prediction_head_type"] = "LINEAR"
+    q_depth = _block_count(sd, "query_blocks")
+    if q_depth and not _shares_blocks(sd):
+        out["query_depth"], out["share_weight"] = q_depth, False
+    elif q_depth:
+        out["share_weight"] = True       # query_depth is not recorded: query_blocks *is* blocks
+    if "gaussian_blur.weight" in sd:
+        out["gaussian_kernel_size"], sigma = _blur_from_kernel(sd["gaussian_blur.weight"])
+        if sigma is not None:
+            out["gaussian_sigma"] = sigma
+    return out
+
+
+def _same(key: str, a, b) -> bool:
+    if key in ("gaussian_sigma", "mlp_ratio") and a is not None and b is not None:
+        return math.isclose(float(a), float(b), rel_tol=1e-3)
+    if key == "img_size":
+        a, b = (tuple(x) if isinstance(x, (tuple, list)) else (x, x) for x in (a, b))
+    return a == b
+
+
+_QKV = re.compile(r"(.*\.attn)\.([qkv])\.(weight|bias)$")   # official: blocks.3.attn.k.bias
+
+
+def _official_to_ours(sd: dict) -> dict[str, Tensor]:
+    """Rename official keys: attn.q/k/v -> one fused attn.qkv (rows q, k, v); drop the blur buffer."""
+    groups = sorted({(m.group(1), m.group(3)) for m in map(_QKV.match, sd) if m})
+    lacking = [f"{base}.{p}.{kind}" for base, kind in groups for p in "qkv" if f"{base}.{p}.{kind}" not in sd]
+    if lacking:
+        raise ValueError(f"the official SAIM state dict lacks {_listing(lacking)} (every attention has q, k and v "
+                         "weights and biases); the checkpoint is incomplete")
+    out = {}
+    for key, val in sd.items():
+        m = _QKV.match(key)
+        if key == "gaussian_blur.weight" or (m and m.group(2) != "q"):
+            continue                     # the blur comes from the config; k, v join q below
+        if m:
+            base, kind = m.group(1), m.group(3)
+            out[f"{base}.qkv.{kind}"] = torch.cat([sd[f"{base}.{p}.{kind}"] for p in "qkv"], dim=0)
+        else:
+            out[key] = val
+    return out
+
+
+def from_saim_official(state_dict, *, interpolate_pos: bool = False, backend: str = "auto", **config) -> SAIM:
+    """Our :class:`~randsac_fast.models.SAIM` with the weights of an official SAIM state dict.
+
+    state_dict: the official model's ``state_dict()`` (or a training checkpoint {'model': ...}).
+    config: the official constructor's argument names (img_size, patch_size, in_chans, embed_dim,
+    depth, num_heads, mlp_ratio, query_depth, share_weight, prediction_head_type 'MLP'|'LINEAR',
+    gaussian_kernel_size, gaussian_sigma, loss_type 'L1'|'L2', norm_pix_loss). Sizes come from the
+    state dict (:func:`saim_official_config`); a given value must agree with it. Not recorded in a
+    state dict: num_heads (default embed_dim // 64), loss_type (default 'L2'), norm_pix_loss
+    (default True), query_depth when share_weight (default 12), and the blur when the checkpoint
+    has no ``gaussian_blur.weight`` buffer (default none, as the official constructor).
+    img_size different from the checkpoint's: an error, unless ``interpolate_pos=True``, which
+    resamples the checkpoint's position embeddings bicubically (:func:`interpolate_pos_embed`, as
+    MAE / timm fine-tuning does). The official table is the fixed 2D sin-cos one, so for further
+    pre-training the exact table of the new grid, ``vit.sincos_2d(dim, gh, gw, cls_token=True)``,
+    is the alternative; the patch embedding and blocks do not depend on the image size.
+    The result computes the official loss: same weights + same order -> same loss, where the
+    official noise ``noise`` [B, N] corresponds to ``SegmentOrder.from_perm(noise.argsort(1))``.
+    """
+    sd = _unwrap(state_dict)
+    unknown = sorted(set(config) - set(_OFFICIAL_ARGS))
+    if unknown:
+        raise ValueError(f"unknown SAIM argument(s) {unknown}; the official constructor's arguments are "
+                         f"{list(_OFFICIAL_ARGS)}")
+    found = saim_official_config(sd)
+    for key, val in config.items():
+        if key in found and not _same(key, val, found[key]):
+            if key == "img_size" and interpolate_pos:
+                continue
+            hint = (" — pass interpolate_pos=True to resample the position embeddings to the new size, or "
+                    "omit img_size" if key == "img_size" else f" — omit {key} (the state dict fixes it)")
+            raise ValueError(f"{key}={val!r} does not match the checkpoint, which has {key}={found[key]!r}{hint}")
+    args = {**_OFFICIAL_DEFAULTS, **found, **config}
+    if "embed_dim" not in args or "patch_size" not in found:
+        raise ValueError("the state dict lacks cls_token or patch_embed.proj.weight; "
+                         f"missing: {_listing({'cls_token', 'patch_embed.proj.weight'} - set(sd))}")
+    if args["drop_path_rate"]:
+        raise ValueError(f"drop_path_rate={args['drop_path_rate']} is not supported in pre-training here; "
+                         "pass 0 (the official pre-training default)")
+    if args["share_weight"] and "query_depth" not in config:
+        args["query_depth"] = min(args["query_depth"], args["depth"])
+    if args["prediction_head_type"] not in ("MLP", "LINEAR"):
+        raise ValueError(f"prediction_head_type must be 'MLP' or 'LINEAR'; got {args['prediction_head_type']!r}")
+    if args["loss_type"] not in ("L1", "L2"):
+        raise ValueError(f"loss_type must be 'L1' or 'L2'; got {args['loss_type']!r}")
+    # The official model blurs only when both kernel size and sigma are given.
+    blur = args["gaussian_kernel_size"] is not None and args["gaussian_sigma"] is not None
+    num_heads = args.get("num_heads") or args["embed_dim"] // 64
+    cfg = SAIMConfig(img_size=args["img_size"], patch_size=args["patch_size"], in_chans=args["in_chans"],
+                     embed_dim=args["embed_dim"], depth=args["depth"], num_heads=num_heads,
+                     query_depth=args["query_depth"], share_weight=bool(args["share_weight"]),
+                     head=args["prediction_head_type"].lower(), mlp_ratio=args["mlp_ratio"],
+                     norm_pix=bool(args["norm_pix_loss"]), blur_kernel=int(args["gaussian_kernel_size"]) if blur else 0,
+                     blur_sigma=float(args["gaussian_sigma"]) if blur else 1.0,
+                     loss="mse" if args["loss_type"] == "L2" else "l1", backend=backend)
+    model = SAIM(cfg)
+    ours = _official_to_ours(sd)
+    if interpolate_pos and "pos_embed" in ours and ours["pos_embed"].shape != model.pos_embed.shape:
+        ours["pos_embed"] = interpolate_pos_embed(ours["pos_embed"], model.grid, num_prefix_tokens=1)
+    _load_strict(model, ours, "the official SAIM state dict")
+    return model
+
+
+def _load_strict(model: nn.Module, sd: dict, what: str) -> None:
+    """load_state_dict with every key and shape checked first, so the error lists all problems."""
+    expected = model.state_dict()
+    missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
+    wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(expected[k].shape)})"
+             for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatches: {_listing(wrong, 4)}")
+    if problems:
+        raise ValueError(f"{what} does not fit {type(model).__name__}({_describe(model)}): " + "; ".join(problems)
+                         + " — check the model name and size overrides (embed_dim, depth, num_heads, "
+                           "img_size, patch_size ...)")
+    model.load_state_dict(sd)
+
+
+def _describe(model) -> str:
+    c = model.config
+    return f"embed_dim={c.embed_dim}, depth={c.depth}, patch_size={c.patch_size}, img_size={c.img_size}"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading checkpoints
+# --------------------------------------------------------------------------------------------
+def _infer_overrides(sd: dict, family: str) -> dict:
+    """Model sizes a state dict of our layout determines (what models.build accepts)."""
+    out = {}
+    proj = sd["patch_embed.proj.weight"]
+    out.update(embed_dim=proj.shape[0], in_chans=proj.shape[1], patch_size=proj.shape[-1],
+               depth=_block_count(sd, "blocks"))
+    out["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / proj.shape[0]
+    if family == "randsac":
+        out["decoder_depth"] = _block_count(sd, "decoder_blocks")
+        out["skip_memory"] = "skip_weight" in sd
+    else:
+        out["share_weight"] = _shares_blocks(sd)
+        if not out["share_weight"]:
+            out["query_depth"] = _block_count(sd, "query_blocks")
+        out["head"] = "mlp" if "prediction_head.fc1.weight" in sd else "linear"
+        n = sd["pos_embed"].shape[1] - 1
+        if math.isqrt(n) ** 2 == n:
+            out["img_size"] = math.isqrt(n) * proj.shape[-1]
+    return out
+
+
+def _read_meta(path: str) -> dict:
+    with open(os.path.join(path, "meta.json")) as fh:
+        return json.load(fh)
+
+
+def _load_dcp(path: str, name: str | None, backend: str, overrides: dict):
+    """A trainer checkpoint directory (torch.distributed.checkpoint + meta.json with the config)."""
+    import torch.distributed.checkpoint as dcp
+
+    from . import config as config_mod
+    from .train import build_model
+    meta = _read_meta(path)
+    mcfg = dict(meta.get("config", {}).get("model", {}))
+    if not mcfg:
+        raise ValueError(f"{path}/meta.json has no config.model section; is this a randsac_fast checkpoint?")
+    fields = set(config_mod.ModelConfig.__dataclass_fields__)
+    cfg = config_mod.ModelConfig(**{k: v for k, v in mcfg.items() if k in fields})
+    if name is not None and name != cfg.model:
+        raise ValueError(f"--model {name} but the checkpoint {path} holds {cfg.model}; drop --model "
+                         "(a checkpoint directory names its model)")
+    # The trainer takes the channel count from the data, so it is read from the stored weights.
+    tensors = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    in_chans = tensors["model.patch_embed.proj.weight"].size[1]
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown} for a checkpoint directory; valid: {sorted(fields)}")
+    for key, val in {**overrides, "backend": backend}.items():
+        setattr(cfg, key, val)
+    model = build_model(cfg, in_chans)       # exactly as the trainer built it
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():          # a single-process read is what we want here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"])
+    return model, meta
+
+
+def load_model(path: str, name: str | None = None, *, backend: str = "auto", **overrides):
+    """A model from a checkpoint -> (model in eval mode, meta dict).
+
+    path: a trainer checkpoint directory ``.../checkpoints/step_XXXXXXXX`` (the model and its config
+    are read from it; meta is its meta.json, with the training config under 'config'), or a file
+    holding ``model.state_dict()`` (optionally as {'model': ...}). A file does not record the model
+    name, so ``name`` (e.g. 'randsac_vit_tiny') is required; sizes the state dict shows (width,
+    depth, patch size, decoder depth, ...) are read from it and ``overrides`` set the rest
+    (num_heads, img_size for RandSAC, ...). An official SAIM file is imported with
+    :func:`from_saim_official` (overrides then use the official argument names). meta is {} for files.
+    """
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "meta.json")):
+            raise FileNotFoundError(f"{path} is a directory but not a complete checkpoint (no meta.json); pass a "
+                                    "step_XXXXXXXX directory or a state-dict file")
+        model, meta = _load_dcp(path, name, backend, overrides)
+        return model.eval(), meta
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    family = _family(sd)
+    if family == "saim_official":
+        if name is not None and not name.startswith("saim"):
+            raise ValueError(f"--model {name} but {path} is an official SAIM checkpoint; use a saim_vit_* name or none")
+        return from_saim_official(sd, backend=backend, **overrides).eval(), {}
+    if family not in ("randsac", "saim"):
+        raise ValueError(f"{path} holds {_FAMILY_WORDS[family]} (keys: {_listing(sd, 6)}); expected a RandSAC or "
+                         "SAIM state dict")
+    if name is None:
+        raise ValueError(f"{path} is a plain state dict of {_FAMILY_WORDS[family]}, which does not record the model "
+                         f"name; pass --model {family}_vit_{{tiny,small,base,large}} (and --set num_heads=... if "
+                         "it is not the named size's)")
+    if not name.startswith(family + "_"):
+        raise ValueError(f"--model {name} but {path} holds {_FAMILY_WORDS[family]}; pass --model {family}_vit_...")
+    build = {**_infer_overrides(sd, family), **overrides}
+    model = models.build(name, backend=backend, **build)
+    _load_strict(model, sd, path)
+    return model.eval(), {}
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def parse_sets(items) -> dict:
+    """['depth=4', 'img_size=32', 'loss=mse'] -> {'depth': 4, 'img_size': 32, 'loss': 'mse'}."""
+    out = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE (e.g. --set num_heads=3); got {item!r}")
+        try:
+            val = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            val = text                   # a bare word such as mse
+        out[key.strip()] = val
+    return out
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="trainer checkpoint directory (step_XXXXXXXX) or a state-dict file")
+    p.add_argument("--model", default=None, help="model name for a state-dict file, e.g. randsac_vit_tiny")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="model config override (repeatable), e.g. --set num_heads=3 --set img_size=32")
+    p.add_argument("--backend", default="auto", help="attention backend (default auto)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m randsac_fast.interop",
+                                description="Export a RandSAC / SAIM encoder as a timm ViT state dict.")
+    sub = p.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write the encoder as a timm VisionTransformer state dict")
+    add_checkpoint_args(ex)
+    ex.add_argument("--out", required=True, help="output file (.pt, or .safetensors with --safetensors)")
+    ex.add_argument("--safetensors", action="store_true", help="write safetensors (needs the safetensors package)")
+    ex.add_argument("--fc-norm", action="store_true",
+                    help="store the final norm as timm's fc_norm (normalises the pooled vector; a fine-tuning "
+                         "start, not the same features)")
+    args = p.parse_args(argv)
+    try:
+        model, _ = load_model(args.ckpt, args.model, backend=args.backend, **parse_sets(args.set))
+        sd = to_timm(model, fc_norm=args.fc_norm)
+        kwargs = timm_kwargs(model, fc_norm=args.fc_norm)
+        save_state_dict(sd, args.out, safetensors=args.safetensors, metadata={"timm_kwargs": json.dumps(kwargs)})
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    print(f"wrote {len(sd)} tensors to {args.out}. Load with:\n"
+          f"  model = timm.create_model('vit_base_patch16_224', pretrained=False, **{kwargs!r})\n"
+          f"  model.load_state_dict(state_dict)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
