@@ -6,10 +6,12 @@ One code path for every launch: under torchrun the environment names rank and wo
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.distributed as dist
 from torch import nn
 
@@ -83,6 +85,9 @@ def parallelize(model: nn.Module, dist_info: Dist, *, ac: bool = False, compile:
             if ac:
                 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
                 block = checkpoint_wrapper(block)   # recompute the block's activations in backward
+                if hasattr(block, "cross"):         # the wrapper covers forward only: SAIM's query stream too
+                    block.cross = functools.partial(torch.utils.checkpoint.checkpoint, block.cross,
+                                                    use_reentrant=False)
             if compile:
                 block.compile()                     # per block: small graphs, shared across blocks
                 if hasattr(block, "cross"):         # SAIM's query stream: Module.compile covers forward only
