@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..orders import SegmentOrder
-from .vit import DecoderBlock, LayerNorm, ViTEncoder, gather_rows, init_weights
+from .vit import DecoderBlock, LayerNorm, ViTEncoder, check_common_config, gather_rows, init_weights
 
 #: seg id of padding rows: larger than any real segment rank, so padded keys are invisible.
 SENTINEL = 2 ** 30
@@ -51,11 +51,7 @@ class RandSACConfig:
     backend: str = "auto"                    # attention backend (see randsac_fast.ops)
 
     def __post_init__(self):
-        if isinstance(self.img_size, int):
-            self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(self.img_size)
-        if self.loss not in ("mse", "l1"):
-            raise ValueError(f"loss must be 'mse' or 'l1'; got {self.loss!r}")
+        check_common_config(self)
 
 
 @dataclass

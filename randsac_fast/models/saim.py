@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..orders import SegmentOrder
-from .vit import Block, Mlp, ViTEncoder, gather_rows, init_weights
+from .vit import Block, Mlp, ViTEncoder, check_common_config, gather_rows, init_weights
 
 
 @dataclass
@@ -49,11 +49,7 @@ class SAIMConfig:
     backend: str = "auto"                    # attention backend (see randsac_fast.ops)
 
     def __post_init__(self):
-        if isinstance(self.img_size, int):
-            self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(self.img_size)
-        if self.loss not in ("mse", "l1"):
-            raise ValueError(f"loss must be 'mse' or 'l1'; got {self.loss!r}")
+        check_common_config(self)
         if self.head not in ("mlp", "linear"):
             raise ValueError(f"head must be 'mlp' or 'linear'; got {self.head!r}")
         if not 1 <= self.query_depth <= self.depth or self.depth % self.query_depth:

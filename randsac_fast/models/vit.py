@@ -183,6 +183,13 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def check_common_config(cfg) -> None:
+    """In place: img_size -> (H, W); validate the fields both model configs share."""
+    cfg.img_size = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
+    if cfg.loss not in ("mse", "l1"):
+        raise ValueError(f"loss must be 'mse' or 'l1'; got {cfg.loss!r}")
+
+
 class ViTEncoder(nn.Module):
     """What RandSAC and SAIM share: patch embedding, fixed position embeddings, encoder blocks, norm.
 
