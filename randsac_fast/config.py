@@ -57,6 +57,8 @@ class DataConfig:
     std: tuple[float, ...] | None = doc("normalisation std per channel (None: the data set's own)")
     workers: int = doc("dataloader worker processes per rank", 0)
     synthetic_size: int = doc("number of images of the synthetic source", 4096)
+    knn_data: str | None = doc("labelled data of the k-NN monitor: digits, a directory with train/ and val/, "
+                               "or CIFAR pickles (None: --data)")
 
 
 @dataclass
@@ -87,6 +89,10 @@ class TrainConfig:
     ac: bool = doc("activation checkpointing of each transformer block", False)
     probe: bool = doc("after training, fit a linear probe on frozen avg-pooled features (digits only)",
                       False)
+    knn_every: int = doc("every K optimizer steps, log knn_top1: weighted k-NN accuracy of the encoder's "
+                         "avg-pooled features on a labelled split (0: off)", 0)
+    knn_k: int = doc("neighbours of the k-NN monitor", 20)
+    knn_images: int | None = doc("at most this many images of each k-NN split (None: all)", 10000)
     device: str = doc("cuda or cpu (default: cuda when available)", "auto")
 
 

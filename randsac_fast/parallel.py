@@ -97,4 +97,6 @@ def parallelize(model: nn.Module, dist_info: Dist, *, ac: bool = False, compile:
                 register_fsdp_forward_method(block, "cross")
             blocks[i] = block
     fully_shard(model, **shard)
+    if hasattr(model, "forward_features"):   # evaluation (k-NN monitor, probes) calls it on the root
+        register_fsdp_forward_method(model, "forward_features")
     return model

@@ -22,6 +22,7 @@ from . import config as config_mod
 from . import data as data_mod
 from . import models, ops, orders
 from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .knn import knn_accuracy, labelled_loaders
 from .metrics import MetricsLogger, flops_per_image, peak_flops
 from .parallel import init_distributed, parallelize
 from .probe import linear_probe_accuracy
@@ -95,6 +96,8 @@ class Trainer:
         augment = data_mod.Augment(m.img_size, d.crop_scale, d.crop_ratio, d.hflip, mean, std)
         self.dataset = data_mod.AugmentedDataset(self.source, augment, t.seed)
         self.batches = data_mod.ShardedBatches(len(self.source), t.batch_size, rank, world, t.seed)
+        self.knn_loaders = (labelled_loaders(d.knn_data or d.data, m.img_size, mean, std, t.batch_size, rank, world,
+                                             limit=t.knn_images, seed=t.seed) if t.knn_every else None)
         steps_per_epoch = max(1, self.batches.per_epoch // t.accum)
         self.total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
         self.warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
@@ -170,11 +173,15 @@ class Trainer:
             skipped += bad
             last = self.step == self.total_steps
             save = last or (t.ckpt_every and self.step % t.ckpt_every == 0)
-            if save or self.step % t.log_every == 0:
+            knn = (knn_accuracy(self.model, *self.knn_loaders, k=t.knn_k, device=self.device)
+                   if t.knn_every and (self.step % t.knn_every == 0 or last) else None)
+            if save or self.step % t.log_every == 0 or knn is not None:
                 losses = self._check_losses(pending)       # never checkpoint a non-finite model
                 elapsed = time.perf_counter() - tick
                 images = (self.step - tick_step) * self.global_batch
                 record = self._record(losses, _local(grad_norm), skipped, images / elapsed, order)
+                if knn is not None:
+                    record["knn_top1"] = knn
                 self.metrics.log(record)
                 pending, tick, tick_step = [], time.perf_counter(), self.step
             if save:

@@ -45,8 +45,12 @@ def _losses(out_dir) -> dict[int, float]:
 
 def test_two_ranks_learn_digits(tmp_path):
     out = tmp_path / "run"
-    r = _run([*TINY, "--out", str(out), "--steps", "30", "--log-every", "1"])
+    r = _run([*TINY, "--out", str(out), "--steps", "30", "--log-every", "1", "--knn-every", "15",
+              "--knn-images", "200"])
     assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn = {rec["step"]: rec["knn_top1"] for rec in recs if "knn_top1" in rec}
+    assert sorted(knn) == [15, 30] and all(0.3 < a <= 1.0 for a in knn.values()), knn   # chance is 0.1
     losses = _losses(out)
     assert sorted(losses) == list(range(1, 31))
     first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(26, 31)) / 5
