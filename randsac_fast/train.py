@@ -160,6 +160,14 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> None:
+        checks = ops.checks_enabled(None)
+        try:
+            self._loop()
+        finally:
+            ops.set_checks(checks)         # the switch is process-wide: leave it as found
+        self.metrics.close()
+
+    def _loop(self) -> None:
         t = self.cfg.train
         stream = data_mod.batch_stream(self.dataset, self.batches, self.micro, self.cfg.data.workers,
                                        pin_memory=self.device.type == "cuda")
@@ -186,7 +194,6 @@ class Trainer:
                 pending, tick, tick_step = [], time.perf_counter(), self.step
             if save:
                 self.save()
-        self.metrics.close()
 
     def _check_losses(self, pending) -> list[tuple[int, float]]:
         """Average each pending step's loss over ranks; stop on the first non-finite one."""

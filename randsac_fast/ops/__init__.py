@@ -1,8 +1,8 @@
 """Public ops. Each takes ``backend=`` and dispatches; see each module for its contract."""
-from ._dispatch import BACKENDS, BackendUnavailable, set_checks
+from ._dispatch import BACKENDS, BackendUnavailable, checks_enabled, set_checks
 from .attention import segment_attention, visible_pairs
 from .skip import skip_memory
 from .targets import masked_patch_loss, patch_loss, patch_targets
 
-__all__ = ["BACKENDS", "BackendUnavailable", "set_checks", "segment_attention", "visible_pairs", "patch_targets",
+__all__ = ["BACKENDS", "BackendUnavailable", "set_checks", "checks_enabled", "segment_attention", "visible_pairs", "patch_targets",
            "patch_loss", "masked_patch_loss", "skip_memory"]
