@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data as data_mod
-from . import interop, ops
+from . import interop
 from .checkpoint import Checkpointer, rng_state, set_rng_state
-from .linprobe import (add_run_args, check_channels, eval_transform, evaluate, labelled_splits, load_encoder,
+from .linprobe import (add_run_args, check_channels, cli, eval_transform, evaluate, labelled_splits, load_encoder,
                        norm_stats)
 from .metrics import MetricsLogger
 from .parallel import init_distributed, parallelize
@@ -354,15 +354,7 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        run(argv)
-    except (ValueError, FileNotFoundError, TypeError, ops.BackendUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return cli(run, argv)
 
 
 if __name__ == "__main__":

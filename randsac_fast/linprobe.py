@@ -316,9 +316,10 @@ def run(argv=None) -> dict:
     return {**result, "step": step}
 
 
-def main(argv=None) -> int:
+def cli(run_fn, argv=None) -> int:
+    """Run an evaluation command: bad input -> one line on stderr and exit code 1, no traceback."""
     try:
-        run(argv)
+        run_fn(argv)
     except (ValueError, FileNotFoundError, TypeError, ops.BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -326,6 +327,10 @@ def main(argv=None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def main(argv=None) -> int:
+    return cli(run, argv)
 
 
 if __name__ == "__main__":

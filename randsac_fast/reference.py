@@ -10,7 +10,6 @@ The whole-model references (:func:`randsac_loss_dense`, :func:`saim_loss_dense`)
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
