@@ -53,9 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, format_table, provenance, result_path, synchronize  # noqa: E402
 from randsac_fast import models, ops, orders  # noqa: E402
-from randsac_fast.metrics import peak_flops  # noqa: E402
+from randsac_fast.runtime.metrics import peak_flops  # noqa: E402
 from randsac_fast.models import dense  # noqa: E402
-from randsac_fast.parallel import transformer_blocks  # noqa: E402
+from randsac_fast.runtime.parallel import transformer_blocks  # noqa: E402
 
 OURS = ("reference", "sdpa", "flex", "triton", "cuda")
 GPU_BACKENDS = ("dense", "sdpa", "flex", "triton", "cuda")

@@ -434,7 +434,6 @@ def _load_dcp(path: str, name: str | None, backend: str, overrides: dict):
     import torch.distributed.checkpoint as dcp
 
     from . import config as config_mod
-    from .train import build_model
     meta = _read_meta(path)
     mcfg = dict(meta.get("config", {}).get("model", {}))
     if not mcfg:
@@ -452,7 +451,7 @@ def _load_dcp(path: str, name: str | None, backend: str, overrides: dict):
         raise ValueError(f"unknown override(s) {unknown} for a checkpoint directory; valid: {sorted(fields)}")
     for key, val in {**overrides, "backend": backend}.items():
         setattr(cfg, key, val)
-    model = build_model(cfg, in_chans)       # exactly as the trainer built it
+    model = models.build_from_config(cfg, in_chans)       # exactly as the trainer built it
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():          # a single-process read is what we want here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

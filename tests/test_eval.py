@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from randsac_fast import data as data_mod
-from randsac_fast import finetune, interop, knn, linprobe, models, train
+from randsac_fast import interop, models, train
+from randsac_fast.eval import finetune, knn, linprobe
 
 # A tiny RandSAC for the 8x8 single-channel digits, saved as a plain state dict.
 TINY = dict(img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2, decoder_depth=1, in_chans=1)
@@ -252,7 +253,7 @@ def test_knn_on_a_sharded_encoder_with_the_labelled_loaders():
     """The monitor as the trainer calls it: an FSDP2-wrapped model and per-rank loaders."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
-    from randsac_fast.parallel import init_distributed, parallelize
+    from randsac_fast.runtime.parallel import init_distributed, parallelize
     torch.manual_seed(0)
     model = parallelize(models.build("randsac_vit_tiny", **TINY), init_distributed("cpu"))
     register_fsdp_forward_method(model, "forward_features")

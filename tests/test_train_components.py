@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from randsac_fast import config, data, schedule
-from randsac_fast.checkpoint import Checkpointer
+from randsac_fast import config, data
+from randsac_fast.runtime import schedule
+from randsac_fast.runtime.checkpoint import Checkpointer
 
 
 # ---- config / CLI ------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def _tiny():
 
 
 def test_interrupted_save_keeps_previous_checkpoint(group, tmp_path, monkeypatch):
-    import randsac_fast.checkpoint as ck
+    import randsac_fast.runtime.checkpoint as ck
     model, opt = _tiny()
     cp = Checkpointer(str(tmp_path), keep=2, rank=0, world=1)
     good = cp.save(1, model, opt, {"micro": 1}, {"x": 1})

@@ -11,7 +11,7 @@ from .randsac import SENTINEL, RandSAC, RandSACConfig, split_order
 from .saim import SAIM, SAIMConfig
 from .vit import SIZES, set_backend
 
-__all__ = ["build", "names", "RandSAC", "RandSACConfig", "SAIM", "SAIMConfig", "SENTINEL", "split_order",
+__all__ = ["build", "build_from_config", "names", "RandSAC", "RandSACConfig", "SAIM", "SAIMConfig", "SENTINEL", "split_order",
            "set_backend"]
 
 # Paper defaults per size. RandSAC: tiny = CIFAR-10 (32 px, P=4, 3-layer decoder); small = ImageNet-100
@@ -48,3 +48,28 @@ def build(name: str, **overrides):
         base["query_depth"] = overrides["depth"]
     base.update(overrides)
     return cls(cfg_cls(**base))
+
+
+# Model fields passed to models.build only when set (None: the model's own default).
+_MODEL_OVERRIDES = ("embed_dim", "depth", "num_heads", "decoder_depth", "decoder_num_heads", "query_depth",
+                    "share_weight", "head", "skip_memory", "blur_kernel", "blur_sigma", "norm_pix", "loss")
+# Fields only one family has: a preset's value is dropped for the other family, a flag is passed on
+# (and rejected by models.build with a clear error).
+_FAMILY_ONLY = {"randsac": ("query_depth", "share_weight", "head"),
+                "saim": ("decoder_depth", "decoder_num_heads", "skip_memory")}
+
+
+def build_from_config(cfg, in_chans: int, flags=()):
+    """The model a run config describes (``randsac_fast.config.ModelConfig``), as the trainer builds it.
+
+    ``flags`` names the fields the user set on the command line: a preset's value of a field the
+    other family does not have is dropped, a flag is passed on (and rejected with a clear error).
+    """
+    if cfg.img_size % cfg.patch_size:
+        raise ValueError(f"image size {cfg.img_size} is not divisible by patch size {cfg.patch_size}; "
+                         f"choose --img-size a multiple of {cfg.patch_size}")
+    other = _FAMILY_ONLY.get(cfg.model.partition("_")[0], ())
+    overrides = {k: getattr(cfg, k) for k in _MODEL_OVERRIDES
+                 if getattr(cfg, k) is not None and (k not in other or k in flags)}
+    return build(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=in_chans,
+                 backend=cfg.backend, **overrides)

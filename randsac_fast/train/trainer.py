@@ -4,8 +4,9 @@ Also runs as one process (``python -m randsac_fast.train``). With no flags it ru
 demo: a tiny RandSAC ViT on scikit-learn's digits, then a linear probe of the frozen encoder.
 
 Reads top to bottom: config -> data -> model (FSDP2) -> optimizer -> resume -> loop -> probe.
-The components live in config.py, data.py, parallel.py, schedule.py, checkpoint.py, metrics.py
-and probe.py; the Trainer below is the glue.
+The components live in ``randsac_fast.config``, ``randsac_fast.data``, ``randsac_fast.runtime``
+(parallel, schedule, checkpoint, metrics) and ``randsac_fast.eval`` (probe, k-NN); the Trainer
+below is the glue.
 """
 from __future__ import annotations
 
@@ -18,38 +19,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import config as config_mod
-from . import data as data_mod
-from . import models, ops, orders
-from .checkpoint import Checkpointer, rng_state, set_rng_state
-from .knn import knn_accuracy, labelled_loaders
-from .metrics import MetricsLogger, flops_per_image, peak_flops
-from .parallel import init_distributed, parallelize
-from .probe import linear_probe_accuracy
-from .schedule import lr_at, scaled_lr, set_lr
-
-# Model fields passed to models.build only when set (None: the model's own default).
-_MODEL_OVERRIDES = ("embed_dim", "depth", "num_heads", "decoder_depth", "decoder_num_heads", "query_depth",
-                    "share_weight", "head", "skip_memory", "blur_kernel", "blur_sigma", "norm_pix", "loss")
-# Fields only one family has: a preset's value is dropped for the other family, a flag is passed on
-# (and rejected by models.build with a clear error).
-_FAMILY_ONLY = {"randsac": ("query_depth", "share_weight", "head"),
-                "saim": ("decoder_depth", "decoder_num_heads", "skip_memory")}
+from .. import config as config_mod
+from .. import data as data_mod
+from .. import models, ops, orders
+from ..eval.knn import knn_accuracy, labelled_loaders
+from ..eval.probe import linear_probe_accuracy
+from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
+from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops
+from ..runtime.parallel import init_distributed, parallelize
+from ..runtime.schedule import lr_at, scaled_lr, set_lr
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the message says where to resume from."""
-
-
-def build_model(cfg: config_mod.ModelConfig, in_chans: int, flags=()) -> nn.Module:
-    if cfg.img_size % cfg.patch_size:
-        raise ValueError(f"image size {cfg.img_size} is not divisible by patch size {cfg.patch_size}; "
-                         f"choose --img-size a multiple of {cfg.patch_size}")
-    other = _FAMILY_ONLY.get(cfg.model.partition("_")[0], ())
-    overrides = {k: getattr(cfg, k) for k in _MODEL_OVERRIDES
-                 if getattr(cfg, k) is not None and (k not in other or k in flags)}
-    return models.build(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=in_chans,
-                        backend=cfg.backend, **overrides)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -75,7 +57,7 @@ class Trainer:
         # ---- validate everything cheap before any process group or output exists -----------
         self.source = data_mod.open_source(d.data, m.img_size, d.synthetic_size, split="train")
         torch.manual_seed(t.seed)                    # identical initial weights on every rank
-        model = build_model(m, self.source.channels, cfg.flags)
+        model = models.build_from_config(m, self.source.channels, cfg.flags)
         self.order_spec = orders.check_fits(t.order, model.grid)
         self.grid = model.grid
 
@@ -241,7 +223,7 @@ class Trainer:
         train = data_mod.eval_images(data_mod.digits("train"), m.img_size, *self.norm)
         test = data_mod.eval_images(data_mod.digits("test"), m.img_size, *self.norm)
         torch.manual_seed(self.cfg.train.seed)     # the very weights the run started from
-        fresh = build_model(m, self.source.channels, self.cfg.flags)
+        fresh = models.build_from_config(m, self.source.channels, self.cfg.flags)
         random_acc = linear_probe_accuracy(fresh, train, test)
         fresh.load_state_dict(full)
         return linear_probe_accuracy(fresh, train, test), random_acc

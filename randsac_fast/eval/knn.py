@@ -3,7 +3,7 @@
 Every validation image votes with its k most cosine-similar training images; a neighbour with
 similarity s adds exp(s / T) to its class. No training, so it is cheap evidence, while pre-training
 runs, that the representation improves. Features are the encoder's average-pooled patch tokens
-(:func:`randsac_fast.linprobe.pooled`), L2-normalised.
+(:func:`randsac_fast.eval.linprobe.pooled`), L2-normalised.
 
 Distributed: each rank embeds its own shard of both splits; the training bank is all-gathered so
 every rank classifies its validation shard against the whole bank, and the hit counts are summed.
@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import data as data_mod
+from .. import data as data_mod
 from .linprobe import eval_transform, labelled_splits, pooled
 
 __all__ = ["knn_classify", "knn_accuracy", "embed", "labelled_loaders"]
@@ -24,7 +24,7 @@ __all__ = ["knn_classify", "knn_accuracy", "embed", "labelled_loaders"]
 def labelled_loaders(data: str, img_size: int, mean, std, batch_size: int, rank: int = 0, world: int = 1,
                      limit: int | None = None, seed: int = 0):
     """(train loader, val loader) of un-augmented images for this rank, from the labelled splits of
-    ``data`` (:func:`randsac_fast.linprobe.labelled_splits`). Every rank gets the same number of
+    ``data`` (:func:`randsac_fast.eval.linprobe.labelled_splits`). Every rank gets the same number of
     batches (a sharded model runs collectives in each forward); ``limit`` caps each split's size
     (a fixed random subset) to keep the monitor cheap."""
     view = eval_transform(img_size, mean, std)
