@@ -1,0 +1,342 @@
+"""Benchmark: what one steady-state training step dispatches — ops, kernels, host syncs, shapes.
+
+    python benchmarks/step_profile.py [--backend sdpa|reference|triton] [--batch 2] [--out benchmarks/results/]
+
+Counts, not times: a ``TorchDispatchMode`` records every op of one training step after warm-up
+(the trainer's own ``Trainer.train_step``: order sampling, forward + loss, backward, gradient norm /
+clipping, AdamW), for three configurations:
+
+* ``RandSAC-192 square:16/4``: ``randsac_vit_base`` (192 px, P=16, 12x12 grid, 8-layer decoder),
+  skip memory on;
+* ``RandSAC-192 blob:11/5``: the same model on hierarchical blob orders;
+* ``SAIM-224 random``: ``saim_vit_base`` (224 px, query_depth 12, blur 9).
+
+each without FSDP and (``--fsdp``, default on) wrapped with FSDP2 at world size 1 as the trainer
+does it, so the cost of the wrapping shows. Reported per row:
+
+* ``fwd_aten`` / ``bwd_aten`` / ``other_aten``: aten ops dispatched in the forward + loss, the
+  backward (ops run by the autograd engine) and the rest of the step (order sampling, gradient
+  norm, optimizer); an eager GPU step launches roughly one kernel per such op.
+* ``fwd_custom`` / ``bwd_custom``: calls of the project's ``torch.library`` ops (attention, skip
+  memory, targets); the aten ops *inside* them are counted apart (``inner_aten``), and so are
+  Triton kernel launches (``triton_launches``, when the backend is ``triton``).
+* ``searchsorted``: bound-building searches, inside custom ops included.
+* ``host_syncs``: ops that make the host wait for the device — ``aten._local_scalar_dense`` (``.item()``,
+  ``bool()``, ``int()``), ``is_nonzero``, ``nonzero``, ``equal``, ``masked_select``, ``unique``, plus
+  ``Tensor.tolist()`` / ``.numpy()`` (which dispatch nothing on CPU, so they are hooked in Python),
+  plus device->host copies, plus blocking host->device copies, counted from the forward on (the
+  order sampler runs on the host by design; its own reads of host tensors are not syncs).
+* ``h2d_blocking``: ``Tensor.to(device)`` calls of host tensors with ``non_blocking=False`` anywhere in
+  the step (hooked in Python: on a CPU run host and device are the same, so the copy dispatches
+  nothing, but the call and its flag are still seen). Whether the source is pinned can only be
+  checked on a CUDA run (``h2d_unpinned``).
+* ``shapes_10``: distinct shape signatures (the shapes of every tensor argument of every op, in
+  order) of the forward over 10 batches of fresh random orders — 1 means a compiled graph and
+  the autotuners never see a new shape.
+* ``alloc_mib``: MiB of new tensor storage the step's ops create (sum over the step, not the
+  peak); on CUDA also the caching allocator's ``allocated_bytes`` delta.
+
+What a CPU run cannot see: time, kernel fusion by the compiler (this is the eager step), whether a
+host->device source is pinned, and device->host copies that a CUDA-only code path would make.
+The Triton backend runs under ``TRITON_INTERPRET=1`` on CPU (slow: minutes at ViT-B); ``sdpa`` and
+``reference`` count the same model ops with their own attention ops. Each row says its backend.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import gc
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, provenance, report  # noqa: E402
+from randsac_fast import config as config_mod, models, ops, orders  # noqa: E402
+from randsac_fast.train.trainer import Trainer, param_groups  # noqa: E402
+
+SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "unique",
+            "_unique2", "unique_consecutive", "item"}
+
+CONFIGS = {  # name: (model, overrides, order spec)
+    "RandSAC-192 square:16/4": ("randsac_vit_base", dict(skip_memory=True), "square:16/4"),
+    "RandSAC-192 blob:11/5": ("randsac_vit_base", dict(skip_memory=True), "blob:11/5"),
+    "SAIM-224 random": ("saim_vit_base", {}, "random"),
+}
+
+
+def _storage(t: torch.Tensor):
+    """(data pointer, bytes) of a tensor's storage, or None (meta, fake or freed storages)."""
+    try:
+        s = t.untyped_storage()
+        return s.data_ptr(), s.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class StepTrace(TorchDispatchMode):
+    """Counts the ops of what runs under it, by phase (fwd / bwd / other) and kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()       # (phase, kind) -> n
+        self.ops = collections.Counter()          # (phase, op name) -> n
+        self.syncs = collections.Counter()        # op name -> n (forward on)
+        self.phase = "other"
+        self.synced_phase = False                 # True from the forward on
+        self.depth = 0                            # > 0 inside a custom op
+        self.alloc_bytes = 0
+        self.shapes: list = []
+
+    def _phase(self) -> str:
+        return "bwd" if torch._C._current_graph_task_id() >= 0 else self.phase
+
+    def sync(self, what: str) -> None:
+        if self.synced_phase:
+            self.syncs[what] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.__name__.split(".")[0] if hasattr(func, "__name__") else str(func)
+        ns = func.namespace
+        phase = self._phase()
+        flat, _ = tree_flatten((args, kwargs))
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        self.shapes.append((ns, name, tuple(tuple(t.shape) for t in tensors)))
+        if name == "searchsorted":
+            self.counts[(phase, "searchsorted")] += 1
+        if ns == "aten" and name in SYNC_OPS:
+            self.sync(name)
+        if ns == "aten" and name in ("_to_copy", "copy_"):
+            self._copy(name, args, kwargs)
+        if ns not in ("aten", "prim", "prims"):
+            self.counts[(phase, "custom")] += 1
+            self.ops[(phase, f"{ns}::{name}")] += 1
+            opdef = torch._library.custom_ops.OPDEFS.get(f"{ns}::{name}")
+            if opdef is not None and self.depth == 0:   # run its body under the trace: see inside
+                self.depth += 1
+                try:
+                    with self:
+                        out = opdef._init_fn(*args, **kwargs)
+                finally:
+                    self.depth -= 1
+                self._count_alloc(out, tensors)
+                return out
+        else:
+            self.counts[(phase, "inner_aten" if self.depth else "aten")] += 1
+            self.ops[(phase, name)] += 1
+        out = func(*args, **kwargs)
+        self._count_alloc(out, tensors)
+        return out
+
+    def _copy(self, name, args, kwargs) -> None:
+        src = args[0] if name == "_to_copy" else args[1]
+        dst_dev = kwargs.get("device") if name == "_to_copy" else args[0].device
+        if dst_dev is None or not isinstance(src, torch.Tensor):
+            return
+        dst_dev = torch.device(dst_dev)
+        if src.device.type != "cpu" and dst_dev.type == "cpu":
+            self.sync("device->host copy")
+        elif src.device.type == "cpu" and dst_dev.type != "cpu":
+            if not kwargs.get("non_blocking", False if name == "_to_copy" else args[2] if len(args) > 2 else False):
+                self.sync("blocking host->device copy")
+            if not src.is_pinned():
+                self.counts[("other", "h2d_unpinned")] += 1
+
+    def _count_alloc(self, out, inputs) -> None:
+        seen = {s[0] for s in map(_storage, inputs) if s is not None}
+        flat, _ = tree_flatten(out)
+        for t in flat:
+            s = _storage(t) if isinstance(t, torch.Tensor) else None
+            if s is not None and s[0] not in seen:
+                seen.add(s[0])
+                self.alloc_bytes += s[1]
+
+
+@contextlib.contextmanager
+def python_hooks(trace: StepTrace):
+    """Hook what dispatches nothing on CPU: Tensor.tolist / .numpy (syncs on a device) and the
+    non_blocking flag of Tensor.to (a host->device copy on a GPU run), and Triton launches."""
+    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "to")}
+
+    def reader(name):
+        def read(self, *a, **k):
+            trace.sync(f"Tensor.{name}")
+            return saved[name](self, *a, **k)
+        return read
+
+    def to(self, *a, **k):
+        device = k.get("device", a[0] if a and isinstance(a[0], (str, torch.device)) else None)
+        if device is not None and self.device.type == "cpu" and not k.get("non_blocking", False):
+            trace.counts[("other", "h2d_blocking")] += 1
+        return saved["to"](self, *a, **k)
+
+    torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.to = reader("tolist"), reader("numpy"), to
+    launches = []
+    try:
+        import triton.runtime.interpreter as interp
+        import triton.runtime.jit as jit
+        for cls in (interp.InterpretedFunction, jit.JITFunction):
+            original = cls.run
+
+            def run(self, *a, _original=original, **k):
+                trace.counts[(trace._phase(), "triton_launches")] += 1
+                with _disable_current_modes():    # the interpreter's own tensor work is not the step's
+                    return _original(self, *a, **k)
+            launches.append((cls, original))
+            cls.run = run
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        for cls, original in launches:
+            cls.run = original
+
+
+class PhaseHooks:
+    """Marks the model's forward (and the loss inside it) as phase 'fwd' on the trace."""
+
+    def __init__(self, model, trace: StepTrace):
+        self.trace = trace
+        self.handles = [model.register_forward_pre_hook(self.pre), model.register_forward_hook(self.post)]
+
+    def pre(self, module, args):
+        self.trace.phase = "fwd"
+        self.trace.synced_phase = True
+
+    def post(self, module, args, out):
+        self.trace.phase = "other"
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def build_step(name: str, backend: str, batch: int, fsdp: bool, seed: int = 0):
+    """A stand-in Trainer (just what ``Trainer.train_step`` reads) for one configuration."""
+    from randsac_fast.runtime.parallel import init_distributed, parallelize
+    model_name, overrides, spec = CONFIGS[name]
+    torch.manual_seed(seed)
+    model = models.build(model_name, backend=backend, **overrides)
+    cfg = config_mod.Config()
+    cfg.train.batch_size, cfg.train.accum, cfg.train.order = batch, 1, spec
+    dist_info = init_distributed("auto")
+    device = dist_info.device
+    model = model.to(device)
+    if fsdp:
+        model = parallelize(model, dist_info, compile=False)
+    elif not hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync = lambda flag: None   # what FSDP adds; a no-op unwrapped
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4)
+    trainer = SimpleNamespace(cfg=cfg, model=model, optimizer=optimizer, device=device, step=0, micro=0,
+                              total_steps=1000, warmup=10, peak_lr=1e-4, grid=model.grid,
+                              order_spec=orders.check_fits(spec, model.grid),
+                              order_gen=torch.Generator().manual_seed(seed + 1))
+    for attr in ("_grad_norm_due",):           # helpers the step may call, when the Trainer has them
+        if hasattr(Trainer, attr):
+            setattr(trainer, attr, getattr(Trainer, attr).__get__(trainer))
+    g = torch.Generator().manual_seed(seed + 2)
+    h, w = (model.img_size if isinstance(model.img_size, tuple) else (model.img_size,) * 2)
+
+    def stream():
+        while True:
+            yield torch.randn(batch, model.in_chans, h, w, generator=g), None, 0
+    return trainer, stream(), model
+
+
+def profile(name: str, backend: str, batch: int, fsdp: bool, warmup: int, count_shapes: bool = True) -> dict:
+    trainer, stream, model = build_step(name, backend, batch, fsdp)
+    step = Trainer.train_step
+    t0 = time.perf_counter()
+    for i in range(warmup):                     # the first step validates inputs (syncs), as in the trainer
+        step(trainer, stream)
+        if i == 0:
+            ops.set_checks(False)
+    warm_s = time.perf_counter() - t0
+    trace = StepTrace()
+    hooks = PhaseHooks(model, trace)
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocated_bytes.all.allocated"]
+    t0 = time.perf_counter()
+    with python_hooks(trace), trace:
+        step(trainer, stream)
+    traced_s = time.perf_counter() - t0
+    cuda_alloc = (torch.cuda.memory_stats()["allocated_bytes.all.allocated"] - before) if cuda else None
+    # shapes: the forward alone over 10 batches of fresh orders
+    signatures = set()
+    with torch.no_grad():
+        for _ in range(10 if count_shapes else 0):
+            images = next(stream)[0].to(trainer.device)
+            order = orders.sample(trainer.order_spec, batch, trainer.grid, generator=trainer.order_gen,
+                                  device=trainer.device)
+            shape_trace = StepTrace()
+            with shape_trace:
+                model(images, order)
+            signatures.add(tuple(shape_trace.shapes))
+    hooks.remove()
+    ops.set_checks(True)
+    c = trace.counts
+    row = {
+        "config": name, "backend": backend, "wrap": "fsdp" if fsdp else "none", "batch": batch,
+        "fwd_aten": c[("fwd", "aten")], "bwd_aten": c[("bwd", "aten")], "other_aten": c[("other", "aten")],
+        "total_aten": c[("fwd", "aten")] + c[("bwd", "aten")] + c[("other", "aten")],
+        "fwd_custom": c[("fwd", "custom")], "bwd_custom": c[("bwd", "custom")],
+        "inner_aten": sum(v for (p, k), v in c.items() if k == "inner_aten"),
+        "triton_launches": sum(v for (p, k), v in c.items() if k == "triton_launches"),
+        "searchsorted": sum(v for (p, k), v in c.items() if k == "searchsorted"),
+        "host_syncs": sum(trace.syncs.values()), "sync_kinds": dict(trace.syncs),
+        "h2d_blocking": c[("other", "h2d_blocking")], "h2d_unpinned": c[("other", "h2d_unpinned")] if cuda else None,
+        "shapes_10": len(signatures) if count_shapes else None, "alloc_mib": round(trace.alloc_bytes / 2**20, 1),
+        "cuda_alloc_mib": None if cuda_alloc is None else round(cuda_alloc / 2**20, 1),
+        "warmup_s": round(warm_s, 1), "traced_step_s": round(traced_s, 1),
+        "top_ops": {p: dict(collections.Counter({k: v for (ph, k), v in trace.ops.items() if ph == p}).most_common(15))
+                    for p in ("fwd", "bwd", "other")},
+    }
+    del trainer, model
+    gc.collect()
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", default="sdpa", help="attention backend of the models (sdpa, reference, triton, ...)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untraced steps first (the first one validates inputs)")
+    p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--no-fsdp", dest="fsdp", action="store_false", help="skip the FSDP-wrapped rows")
+    p.add_argument("--label", default="", help="tag for the JSON file name, e.g. before / after")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    rows = []
+    for name in args.configs:
+        for fsdp in ((False, True) if args.fsdp else (False,)):
+            row = profile(name, args.backend, args.batch, fsdp, args.warmup, count_shapes=not fsdp)
+            rows.append(row)
+            print(f"{name} [{row['wrap']}]: {row['total_aten']} aten ops, {row['host_syncs']} syncs "
+                  f"({row['traced_step_s']} s)", flush=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = {"benchmark": "step_profile", **provenance(device, "cpu (dispatch counts; no timings)"),
+            "backend": args.backend, "batch": args.batch, "warmup_steps": args.warmup, "label": args.label,
+            "shapes": {n: {"model": m, "overrides": o, "order": s} for n, (m, o, s) in CONFIGS.items()
+                       if n in args.configs},
+            "what_cpu_cannot_see": "time; compiler fusion; whether h2d sources are pinned; CUDA-only copies"}
+    columns = ["config", "backend", "wrap", "fwd_aten", "bwd_aten", "other_aten", "total_aten", "fwd_custom",
+               "bwd_custom", "inner_aten", "triton_launches", "searchsorted", "host_syncs", "h2d_blocking",
+               "shapes_10", "alloc_mib"]
+    report(f"step_profile_{args.backend}" + (f"_{args.label}" if args.label else ""), rows, columns, meta, args.out)
+
+
+if __name__ == "__main__":
+    main()
