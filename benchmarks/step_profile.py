@@ -21,7 +21,7 @@ does it, so the cost of the wrapping shows. Reported per row:
   memory, targets); the aten ops *inside* them are counted apart (``inner_aten``), and so are
   Triton kernel launches (``triton_launches``, when the backend is ``triton``).
 * ``searchsorted``: bound-building searches, inside custom ops included.
-* ``host_syncs``: ops that make the host wait for the device — ``aten._local_scalar_dense`` (``.item()``,
+* ``host_syncs`` (by phase in ``sync_kinds``): ops that make the host wait for the device — ``aten._local_scalar_dense`` (``.item()``,
   ``bool()``, ``int()``), ``is_nonzero``, ``nonzero``, ``equal``, ``masked_select``, ``unique``, plus
   ``Tensor.tolist()`` / ``.numpy()`` (which dispatch nothing on CPU, so they are hooked in Python),
   plus device->host copies, plus blocking host->device copies, counted from the forward on (the
@@ -100,7 +100,7 @@ class StepTrace(TorchDispatchMode):
 
     def sync(self, what: str) -> None:
         if self.synced_phase:
-            self.syncs[what] += 1
+            self.syncs[f"{self._phase()}:{what}"] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -237,7 +237,11 @@ def build_step(name: str, backend: str, batch: int, fsdp: bool, seed: int = 0):
         model = parallelize(model, dist_info, compile=False)
     elif not hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync = lambda flag: None   # what FSDP adds; a no-op unwrapped
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4)
+    # The trainer's optimizer as it runs on a GPU: AdamW's CUDA default is foreach (or fused where
+    # the trainer asks for it); on CPU torch would pick the per-parameter loop, so say foreach.
+    fused = getattr(Trainer, "FUSED_ADAMW", False)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4,
+                                  **({"fused": True} if fused else {"foreach": True}))
     trainer = SimpleNamespace(cfg=cfg, model=model, optimizer=optimizer, device=device, step=0, micro=0,
                               total_steps=1000, warmup=10, peak_lr=1e-4, grid=model.grid,
                               order_spec=orders.check_fits(spec, model.grid),
