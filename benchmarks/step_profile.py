@@ -14,9 +14,9 @@ clipping, AdamW), for three configurations:
 each without FSDP and (``--fsdp``, default on) wrapped with FSDP2 at world size 1 as the trainer
 does it, so the cost of the wrapping shows. Reported per row:
 
-* ``fwd_aten`` / ``bwd_aten`` / ``other_aten``: aten ops dispatched in the forward + loss, the
-  backward (ops run by the autograd engine) and the rest of the step (order sampling, gradient
-  norm, optimizer); an eager GPU step launches roughly one kernel per such op.
+* ``fwd_aten`` / ``bwd_aten`` / ``other_aten`` / ``optim_aten``: aten ops dispatched in the forward
+  + loss, the backward (ops run by the autograd engine), the rest of the step (order sampling,
+  gradient norm) and ``optimizer.step``; an eager GPU step launches roughly one kernel per op.
 * ``fwd_custom`` / ``bwd_custom``: calls of the project's ``torch.library`` ops (attention, skip
   memory, targets); the aten ops *inside* them are counted apart (``inner_aten``), and so are
   Triton kernel launches (``triton_launches``, when the backend is ``triton``).
@@ -25,7 +25,9 @@ does it, so the cost of the wrapping shows. Reported per row:
   ``bool()``, ``int()``), ``is_nonzero``, ``nonzero``, ``equal``, ``masked_select``, ``unique``, plus
   ``Tensor.tolist()`` / ``.numpy()`` (which dispatch nothing on CPU, so they are hooked in Python),
   plus device->host copies, plus blocking host->device copies, counted from the forward on (the
-  order sampler runs on the host by design; its own reads of host tensors are not syncs).
+  order sampler runs on the host by design; its own reads of host tensors are not syncs). Reads
+  inside ``optimizer.step`` are reported apart (``optim_host_reads``): non-fused AdamW reads its
+  step counters, which live on the host, so they are no device sync on a GPU either.
 * ``h2d_blocking``: ``Tensor.to(device)`` calls of host tensors with ``non_blocking=False`` anywhere in
   the step (hooked in Python: on a CPU run host and device are the same, so the copy dispatches
   nothing, but the call and its flag are still seen). Whether the source is pinned can only be
@@ -175,7 +177,7 @@ def python_hooks(trace: StepTrace):
     def to(self, *a, **k):
         device = k.get("device", a[0] if a and isinstance(a[0], (str, torch.device)) else None)
         if device is not None and self.device.type == "cpu" and not k.get("non_blocking", False):
-            trace.counts[("other", "h2d_blocking")] += 1
+            trace.counts[(trace._phase(), "h2d_blocking")] += 1
         return saved["to"](self, *a, **k)
 
     torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.to = reader("tolist"), reader("numpy"), to
@@ -204,11 +206,19 @@ def python_hooks(trace: StepTrace):
 
 
 class PhaseHooks:
-    """Marks the model's forward (and the loss inside it) as phase 'fwd' on the trace."""
+    """Marks the model's forward (and the loss inside it) as phase 'fwd' on the trace, and the
+    optimizer step as 'optim'."""
 
-    def __init__(self, model, trace: StepTrace):
+    def __init__(self, model, optimizer, trace: StepTrace):
         self.trace = trace
-        self.handles = [model.register_forward_pre_hook(self.pre), model.register_forward_hook(self.post)]
+        self.handles = [model.register_forward_pre_hook(self.pre), model.register_forward_hook(self.post),
+                        optimizer.register_step_pre_hook(self.optim), optimizer.register_step_post_hook(self.done)]
+
+    def optim(self, *args):
+        self.trace.phase = "optim"
+
+    def done(self, *args):
+        self.trace.phase = "other"
 
     def pre(self, module, args):
         self.trace.phase = "fwd"
@@ -268,7 +278,7 @@ def profile(name: str, backend: str, batch: int, fsdp: bool, warmup: int, count_
             ops.set_checks(False)
     warm_s = time.perf_counter() - t0
     trace = StepTrace()
-    hooks = PhaseHooks(model, trace)
+    hooks = PhaseHooks(model, trainer.optimizer, trace)
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -295,18 +305,23 @@ def profile(name: str, backend: str, batch: int, fsdp: bool, warmup: int, count_
     row = {
         "config": name, "backend": backend, "wrap": "fsdp" if fsdp else "none", "batch": batch,
         "fwd_aten": c[("fwd", "aten")], "bwd_aten": c[("bwd", "aten")], "other_aten": c[("other", "aten")],
-        "total_aten": c[("fwd", "aten")] + c[("bwd", "aten")] + c[("other", "aten")],
+        "optim_aten": c[("optim", "aten")],
+        "total_aten": c[("fwd", "aten")] + c[("bwd", "aten")] + c[("other", "aten")] + c[("optim", "aten")],
         "fwd_custom": c[("fwd", "custom")], "bwd_custom": c[("bwd", "custom")],
         "inner_aten": sum(v for (p, k), v in c.items() if k == "inner_aten"),
         "triton_launches": sum(v for (p, k), v in c.items() if k == "triton_launches"),
         "searchsorted": sum(v for (p, k), v in c.items() if k == "searchsorted"),
-        "host_syncs": sum(trace.syncs.values()), "sync_kinds": dict(trace.syncs),
-        "h2d_blocking": c[("other", "h2d_blocking")], "h2d_unpinned": c[("other", "h2d_unpinned")] if cuda else None,
+        "host_syncs": sum(v for k, v in trace.syncs.items() if not k.startswith("optim:")),
+        "optim_host_reads": sum(v for k, v in trace.syncs.items() if k.startswith("optim:")),
+        "sync_kinds": dict(trace.syncs),
+        "h2d_blocking": sum(v for (p, k), v in c.items() if k == "h2d_blocking" and p != "optim"),
+        "h2d_unpinned": sum(v for (p, k), v in c.items() if k == "h2d_unpinned") if cuda else None,
         "shapes_10": len(signatures) if count_shapes else None, "alloc_mib": round(trace.alloc_bytes / 2**20, 1),
         "cuda_alloc_mib": None if cuda_alloc is None else round(cuda_alloc / 2**20, 1),
         "warmup_s": round(warm_s, 1), "traced_step_s": round(traced_s, 1),
+        "h2d_blocking_by_phase": {p: v for (p, k), v in c.items() if k == "h2d_blocking"},
         "top_ops": {p: dict(collections.Counter({k: v for (ph, k), v in trace.ops.items() if ph == p}).most_common(15))
-                    for p in ("fwd", "bwd", "other")},
+                    for p in ("fwd", "bwd", "other", "optim")},
     }
     del trainer, model
     gc.collect()
@@ -336,9 +351,9 @@ def main(argv=None) -> None:
             "shapes": {n: {"model": m, "overrides": o, "order": s} for n, (m, o, s) in CONFIGS.items()
                        if n in args.configs},
             "what_cpu_cannot_see": "time; compiler fusion; whether h2d sources are pinned; CUDA-only copies"}
-    columns = ["config", "backend", "wrap", "fwd_aten", "bwd_aten", "other_aten", "total_aten", "fwd_custom",
-               "bwd_custom", "inner_aten", "triton_launches", "searchsorted", "host_syncs", "h2d_blocking",
-               "shapes_10", "alloc_mib"]
+    columns = ["config", "backend", "wrap", "fwd_aten", "bwd_aten", "other_aten", "optim_aten", "total_aten",
+               "fwd_custom", "bwd_custom", "inner_aten", "triton_launches", "searchsorted", "host_syncs",
+               "optim_host_reads", "h2d_blocking", "shapes_10", "alloc_mib"]
     report(f"step_profile_{args.backend}" + (f"_{args.label}" if args.label else ""), rows, columns, meta, args.out)
 
 
