@@ -31,7 +31,11 @@ import torch
 from torch import Tensor
 
 __all__ = ["SegmentOrder", "OrderSpec", "OrderLevels", "sample", "sample_levels", "parse_spec",
-           "check_fits", "grid_shape", "VALID_FORMS"]
+           "check_fits", "grid_shape", "VALID_FORMS", "SENTINEL"]
+
+#: seg id of padding positions: larger than any real segment rank, so padded keys are invisible to
+#: every real query, and a padded query (seg id >= SENTINEL) sees no key at all (output 0, no cost).
+SENTINEL = 2 ** 30
 
 #: The spec forms :func:`parse_spec` accepts (quoted in every spec error).
 VALID_FORMS = ("raster | random | square:K[/K2[/K3...]] | blob:K[/K2[/K3...]] | incoherent:K "
@@ -49,10 +53,14 @@ class SegmentOrder:
     """perm: [B, N] int64 raster token indices (row * grid_w + col) in serialisation order.
     seg:  [B, N] int32 segment rank of the token at each position of ``perm``; non-decreasing
           along the sequence, starting at 0.
+    segment_size: host-side knowledge, never read from the device: the number of tokens of every
+          segment of every sample when they are all equal (squares: N/K, random/raster: 1), or
+          None (blobs, or unknown). It lets a model choose static shapes without a device sync.
     """
 
     perm: Tensor
     seg: Tensor
+    segment_size: int | None = None
 
     @property
     def batch(self) -> int:
@@ -67,7 +75,8 @@ class SegmentOrder:
         return self.perm.device
 
     def to(self, device) -> "SegmentOrder":
-        return SegmentOrder(self.perm.to(device, non_blocking=True), self.seg.to(device, non_blocking=True))
+        """On ``device``; host tensors go through pinned memory in a non-blocking copy (no host stall)."""
+        return SegmentOrder(_to_device(self.perm, device), _to_device(self.seg, device), self.segment_size)
 
     def num_segments(self) -> Tensor:
         """[B] number of segments of each sample."""
@@ -304,14 +313,25 @@ def sample_levels(spec, batch: int, grid, *, generator: torch.Generator | None =
     out = torch.device(device) if device is not None else draw_device
 
     def move(t: Tensor) -> Tensor:
-        return t.to(out)
+        return _to_device(t, out)
 
     return OrderLevels(
-        order=SegmentOrder(move(perm), move(ranks[0])),
+        order=SegmentOrder(move(perm), move(ranks[0]), spec.segment_size((gh, gw))),
         ranks=tuple(map(move, ranks)),
         labels=tuple(move(lab.expand(batch, -1).contiguous()) for lab in labels),
         blobs=None if blobs is None else tuple((move(m), move(s)) for m, s in blobs),
     )
+
+
+def _to_device(t: Tensor, device) -> Tensor:
+    """t on ``device``: a host tensor bound for a GPU is pinned first so the copy is truly
+    asynchronous (a non_blocking copy from pageable memory still blocks the host)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)

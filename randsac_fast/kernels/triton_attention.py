@@ -121,11 +121,12 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_LEN,
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_d[None, :]
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_d[None, :]
 
-    # Segment logic lives in the loop bounds: kv_len is non-decreasing, so the tile's last row
-    # ends the loop and every key below the first row's kv_len is visible to all rows (no mask).
-    # kv_len is precomputed (visible_bounds): one search per query, not one per (head, tile).
-    kv_end = tl.load(kv_row + tl.minimum(m0 + BLOCK_M, N_Q) - 1)
-    full_end = (tl.load(kv_row + m0) // BLOCK_N) * BLOCK_N
+    # Segment logic lives in the loop bounds: the tile's largest kv_len ends the loop and every
+    # key below its smallest kv_len is visible to all rows (no mask). kv_len is non-decreasing
+    # except that padded rows (0) may end a sample, hence max / min rather than last / first row.
+    # kv_len is precomputed once per forward (SegmentBounds), not once per (head, tile).
+    kv_end = tl.max(kv_len, 0)
+    full_end = (tl.min(tl.where(row_ok, kv_len, N_K), 0) // BLOCK_N) * BLOCK_N
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -219,9 +220,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KV_LEN, Q_START, DK, DV,
     delta_ptr = DELTA + pid_bh.to(tl.int64) * N_Q
     kv_ptr = KV_LEN + b * N_Q
 
-    # The queries that see key j are the suffix [q_start[j], Nq), q_start non-decreasing: start
-    # at the tile of the first key's q_start; from the first tile at or past the last key's
-    # q_start on, every row sees every key of this tile (no mask). Keys nobody sees skip the loop.
+    # The queries that see key j are the suffix [q_start[j], Nq) (up to padded rows, whose lse is
+    # +inf so they add exactly 0), q_start non-decreasing: start at the tile of the first key's
+    # q_start; from the first tile at or past the last key's q_start on, every row sees every key
+    # of this tile (no mask). Keys nobody sees (q_start = Nq) skip the loop.
     q_row = Q_START + b * N_K
     lo = (tl.load(q_row + n0) // BLOCK_M) * BLOCK_M
     q_full = tl.load(q_row + tl.minimum(n0 + BLOCK_N, N_K) - 1)
@@ -289,9 +291,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KV_LEN, DQ,
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_d[None, :]
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_d[None, :]
 
-    # Same bounds as the forward: unmasked below the first row's kv_len, masked up to the last row's.
-    kv_end = tl.load(kv_row + tl.minimum(m0 + BLOCK_M, N_Q) - 1)
-    full_end = (tl.load(kv_row + m0) // BLOCK_N) * BLOCK_N
+    # Same bounds as the forward: unmasked below the tile's smallest kv_len, masked up to its largest.
+    kv_end = tl.max(kv_len, 0)
+    full_end = (tl.min(tl.where(row_ok, kv_len, N_K), 0) // BLOCK_N) * BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, full_end, BLOCK_N):
         dq = _dq_tile(q, do, lse, delta, k_ptrs, v_ptrs, start_n, N_K, kv_len, dq, offs_n, offs_d, stride_kn, stride_vn,
@@ -309,16 +311,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KV_LEN, DQ,
 _LOG2E = 1.4426950408889634
 
 
+def kv_lengths(seg_q: torch.Tensor, seg_k: torch.Tensor, inclusive: bool) -> torch.Tensor:
+    """kv_len [B, Nq] int32 from sorted seg ids (one batched binary search): all the forward needs."""
+    return torch.searchsorted(seg_k.contiguous(), seg_q.contiguous(), right=inclusive, out_int32=True)
+
+
 def visible_bounds(seg_q: torch.Tensor, seg_k: torch.Tensor, inclusive: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """kv_len [B, Nq] and q_start [B, Nk], int32, from sorted seg ids (two batched binary searches).
 
-    Computed once per call outside the kernels: O(B*N log N) int32 work shared by all heads and
-    by the three kernels, which then need only scalar loads for their loop bounds.
+    For one call on raw seg ids; a model builds them once per forward instead
+    (:func:`randsac_fast.ops.attention_bounds.segment_bounds`) and shares them across layers.
     """
-    seg_q, seg_k = seg_q.contiguous(), seg_k.contiguous()
-    kv_len = torch.searchsorted(seg_k, seg_q, right=inclusive, out_int32=True)
-    q_start = torch.searchsorted(seg_q, seg_k, right=not inclusive, out_int32=True)
-    return kv_len, q_start
+    q_start = torch.searchsorted(seg_q.contiguous(), seg_k.contiguous(), right=not inclusive, out_int32=True)
+    return kv_lengths(seg_q, seg_k, inclusive), q_start
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -332,11 +337,12 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def forward(q, k, v, kv_len, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """o [B, H, Nq, D] (q's dtype, contiguous) and lse [B, H, Nq] fp32 (base 2, scaled scores)."""
+def forward(q, k, v, kv_len, scale: float, o=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """o [B, H, Nq, D] (q's dtype; written into ``o`` when given, any strides with a contiguous
+    last dim, e.g. a [B, Nq, H, D] buffer's transposed view) and lse [B, H, Nq] fp32 (base 2)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    o = q.new_empty(q.shape)
+    o = q.new_empty(q.shape) if o is None else o
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
@@ -352,13 +358,14 @@ def forward(q, k, v, kv_len, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return o, lse
 
 
-def backward(do, q, k, v, o, lse, kv_len, q_start, scale: float):
-    """dq, dk, dv (contiguous, in q's dtype), deterministic: every output element has one writer."""
+def backward(do, q, k, v, o, lse, kv_len, q_start, scale: float, grads=None):
+    """dq, dk, dv in q's dtype (contiguous, or written into ``grads`` = (dq, dk, dv) views, e.g. of
+    one dqkv buffer), deterministic: every output element has one writer."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if do.stride(-1) != 1:   # autograd may hand an expanded / transposed gradient
         do = do.contiguous()
-    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    dq, dk, dv = grads if grads is not None else (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)

@@ -15,7 +15,10 @@ Read against the paper's Figure 4 / Section 4:
 Everything runs in the serialised ("permuted") order: tokens are gathered once at the input and the
 targets are gathered by the same indices; nothing is un-permuted on the training path. Fixed-size
 segments (squares) drop the last / first segment by slicing; variable-size ones (blobs) by right
-padding with a sentinel segment id (:data:`SENTINEL`) that no real query can see.
+padding with a sentinel segment id (:data:`SENTINEL`) that no real query can see, to a length that
+depends only on the grid (N - 1), so every batch has the same shapes. The split never reads the
+device: segment sizes come from the host (:attr:`SegmentOrder.segment_size`). The attention bounds
+of the three patterns (encoder, decoder self, decoder -> memory) are built once per forward.
 """
 from __future__ import annotations
 
@@ -25,11 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..orders import SegmentOrder
+from ..orders import SENTINEL, SegmentOrder
+from ..ops import SegmentBounds, segment_bounds
 from .vit import DecoderBlock, LayerNorm, ViTEncoder, check_common_config, gather_rows, init_weights
-
-#: seg id of padding rows: larger than any real segment rank, so padded keys are invisible.
-SENTINEL = 2 ** 30
 
 
 @dataclass
@@ -66,38 +67,50 @@ class EncDecSplit:
     dec_seg: Tensor
     dec_valid: Tensor | None = field(default=None)
 
+    def bounds(self, causal: bool = False) -> tuple[SegmentBounds, SegmentBounds, SegmentBounds]:
+        """(encoder self, decoder self, decoder -> memory) bounds: built once, shared by every layer.
+        causal: one token per segment (every kv_len[i] = i + 1; no search needed)."""
+        return (segment_bounds(self.enc_seg, self.enc_seg, True, causal),
+                segment_bounds(self.dec_seg, self.dec_seg, True, causal),
+                segment_bounds(self.dec_seg, self.enc_seg, False, causal))
+
 
 def split_order(order: SegmentOrder, pad: bool | None = None) -> EncDecSplit:
-    """Encoder = segments 0..S-2, decoder = segments 1..S-1 of every sample.
+    """Encoder = segments 0..S-2, decoder = segments 1..S-1 of every sample. Reads nothing back
+    from the device.
 
-    When every sample's first and last segments have the same sizes (squares) this is two slices;
-    otherwise (blobs, or ``pad=True``) samples are right-padded to the longest with SENTINEL ids.
+    When the host knows that every segment has m tokens (``order.segment_size``, set by the
+    samplers for squares / random / raster) this is two slices (Le = Ld = N - m). Otherwise (blobs,
+    or ``pad=True``) the encoder and the decoder are both right-padded with SENTINEL ids to the
+    static length N - 1 (the longest either can be), so shapes never change between batches.
     """
     perm, seg = order.perm, order.seg
     b, n = seg.shape
-    first = (seg == 0).sum(1)                              # [B] tokens in the first segment
-    last = (seg == seg[:, -1:]).sum(1)                     # [B] tokens in the last segment
-    f_lo, f_hi, l_lo, l_hi = torch.stack([first.min(), first.max(), last.min(), last.max()]).tolist()
-    if pad is None:
-        pad = f_lo != f_hi or l_lo != l_hi
-    if n - l_lo == 0:
-        raise ValueError("every image of this order is one segment: nothing to predict — RandSAC needs "
+    m = order.segment_size
+    if ops.checks_enabled(None) and bool((seg[:, -1] == 0).any()):     # one sync, first step only
+        raise ValueError("an image of this order is one segment: nothing to predict — RandSAC needs "
                          "at least 2 segments (e.g. square:K with K > 1, blob:K with K > 1)")
-    if not pad:
-        return EncDecSplit(perm[:, :n - l_lo], seg[:, :n - l_lo], perm[:, f_lo:], seg[:, f_lo:])
+    if m is not None and m >= n:
+        raise ValueError(f"every image of this order is one segment of {m} tokens: nothing to predict — "
+                         "RandSAC needs at least 2 segments (e.g. square:K with K > 1, blob:K with K > 1)")
+    if pad is False and m is None:
+        raise ValueError("pad=False needs equal segment sizes known on the host (order.segment_size); "
+                         "sample the order with randsac_fast.orders.sample or leave pad=None")
+    if m is not None and not pad:
+        return EncDecSplit(perm[:, :n - m], seg[:, :n - m], perm[:, m:], seg[:, m:])
+    first = (seg == 0).sum(1, dtype=torch.int64)                       # [B] tokens in the first segment
+    last = (seg == seg[:, -1:]).sum(1, dtype=torch.int64)              # [B] tokens in the last segment
+    length = n - 1
     sentinel = torch.full((), SENTINEL, dtype=seg.dtype, device=seg.device)
-    le, ld = n - l_lo, n - f_lo
-    t = torch.arange(max(le, ld), device=seg.device)[None]
+    t = torch.arange(length, device=seg.device)[None]
     # encoder: positions t < N - last_b are real
-    enc_real = t[:, :le] < (n - last)[:, None]
-    enc_perm = perm[:, :le]
-    enc_seg = torch.where(enc_real, seg[:, :le], sentinel)
+    enc_seg = torch.where(t < (n - last)[:, None], seg[:, :length], sentinel)
     # decoder: query t takes serial position first_b + t
-    src = (first[:, None] + t[:, :ld]).clamp(max=n - 1)
-    dec_valid = first[:, None] + t[:, :ld] < n
-    dec_perm = torch.gather(perm, 1, src)
+    src = first[:, None] + t
+    dec_valid = src < n
+    src = src.clamp(max=n - 1)
     dec_seg = torch.where(dec_valid, torch.gather(seg, 1, src), sentinel)
-    return EncDecSplit(enc_perm, enc_seg, dec_perm, dec_seg, dec_valid)
+    return EncDecSplit(perm[:, :length], enc_seg, torch.gather(perm, 1, src), dec_seg, dec_valid)
 
 
 class RandSAC(ViTEncoder):
@@ -127,13 +140,13 @@ class RandSAC(ViTEncoder):
         """[B, C, H, W] -> [B, N, D] raster tokens with position embeddings."""
         return self.patch_embed(images) + self.pos_embed.to(images.dtype)
 
-    def forward_encoder(self, images: Tensor, split: EncDecSplit) -> list[Tensor]:
+    def forward_encoder(self, images: Tensor, split: EncDecSplit, bounds: SegmentBounds) -> list[Tensor]:
         """Masked encoder over the serialised tokens. Returns the memory of each decoder layer,
         each [B, Le, D]: H_1..H_{L-1}, norm(H_L) combined by the skip weights (or norm(H_L))."""
         x = gather_rows(self.embed(images), split.enc_perm)
         hidden = []
         for blk in self.blocks:
-            x = blk(x, split.enc_seg, inclusive=True)
+            x = blk(x, bounds)
             hidden.append(x)
         hidden[-1] = self.norm(x)
         if self.skip_weight is None:
@@ -142,11 +155,12 @@ class RandSAC(ViTEncoder):
         return list(mem.unbind(0))
 
     # ---- decoder -----------------------------------------------------------------------------
-    def forward_decoder(self, memory: list[Tensor], split: EncDecSplit, dtype: torch.dtype) -> Tensor:
+    def forward_decoder(self, memory: list[Tensor], split: EncDecSplit, bounds: tuple[SegmentBounds, SegmentBounds],
+                        dtype: torch.dtype) -> Tensor:
         """Queries = position embeddings of the target tokens -> predictions [B, Ld, P*P*C]."""
         x = gather_rows(self.pos_embed.to(dtype), split.dec_perm)
         for blk, mem in zip(self.decoder_blocks, memory):
-            x = blk(x, mem, split.dec_seg, split.enc_seg)
+            x = blk(x, mem, *bounds)
         return self.head(self.decoder_norm(x))
 
     def forward_loss(self, images: Tensor, pred: Tensor, split: EncDecSplit) -> Tensor:
@@ -159,8 +173,9 @@ class RandSAC(ViTEncoder):
         """-> (pred [B, Ld, P*P*C] in serial order, split)."""
         self.check_order(order)
         split = split_order(order.to(images.device), pad)
-        memory = self.forward_encoder(images, split)
-        return self.forward_decoder(memory, split, memory[0].dtype), split
+        enc, dec, cross = split.bounds(causal=order.segment_size == 1 and not pad)
+        memory = self.forward_encoder(images, split, enc)
+        return self.forward_decoder(memory, split, (dec, cross), memory[0].dtype), split
 
     def forward(self, images: Tensor, order: SegmentOrder, pad: bool | None = None) -> Tensor:
         """Scalar training loss."""
@@ -185,16 +200,16 @@ class RandSAC(ViTEncoder):
         counting matmuls only and, in attention, only the visible (query, key) pairs."""
         c, d = self.config, self.config.embed_dim
         split = split_order(order)
+        enc, dec, cross = split.bounds()
         b, le = split.enc_perm.shape
         ld = split.dec_perm.shape[1]
         k = c.patch_size ** 2 * c.in_chans
         mlp = 2 * int(d * c.mlp_ratio) * d
         fwd = 2 * b * self.num_tokens * k * d                                  # patch embedding
         fwd += c.depth * 2 * b * le * (4 * d * d + mlp)                        # encoder linears
-        fwd += c.depth * 4 * d * float(ops.visible_pairs(split.enc_seg, split.enc_seg, True).sum())
+        fwd += c.depth * 4 * d * float(enc.visible_pairs().sum())     # padded queries count no pairs
         fwd += c.decoder_depth * 2 * b * (ld * (6 * d * d + mlp) + le * 2 * d * d)   # decoder linears
-        fwd += c.decoder_depth * 4 * d * float(ops.visible_pairs(split.dec_seg, split.dec_seg, True).sum()
-                                               + ops.visible_pairs(split.dec_seg, split.enc_seg, False).sum())
+        fwd += c.decoder_depth * 4 * d * float(dec.visible_pairs().sum() + cross.visible_pairs().sum())
         if self.skip_weight is not None:
             fwd += 2 * c.decoder_depth * c.depth * b * le * d
         fwd += 2 * b * ld * d * k                                              # head
@@ -203,7 +218,7 @@ class RandSAC(ViTEncoder):
     def forward_features(self, images: Tensor) -> Tensor:
         """Unmasked encoder (evaluation): [B, N, D] after the final norm, raster order."""
         x = self.embed(images)
-        seg = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
+        bounds = self.full_bounds(x)
         for blk in self.blocks:
-            x = blk(x, seg, inclusive=True)
+            x = blk(x, bounds)
         return self.norm(x)

@@ -86,15 +86,25 @@ class SAIM(ViTEncoder):
         """-> predictions [B, N, P*P*C] for the tokens in serial order."""
         self.check_order(order)
         order = order.to(images.device)
-        seg_q = order.seg + 1                                            # token segments after cls
-        seg_c = torch.cat([torch.zeros_like(seg_q[:, :1]), seg_q], 1)   # content stream: cls = 0
+        content, query = self.bounds(order)
         h = self.content_input(images, order.perm)
         g = gather_rows(self.pos_embed[:, 1:].to(h.dtype), order.perm)
         for i, blk in enumerate(self.blocks):
-            h = blk(h, seg_c, inclusive=True)
+            h = blk(h, content)
             if (i + 1) % self.step == 0:
-                g = self.query_blocks[i // self.step].cross(g, h, seg_q, seg_c)
+                g = self.query_blocks[i // self.step].cross(g, h, query)
         return self.prediction_head(self.norm(g))
+
+    @staticmethod
+    def bounds(order: SegmentOrder) -> tuple[ops.SegmentBounds, ops.SegmentBounds]:
+        """(content stream, query stream) bounds, once per forward. With one token per segment
+        (``random`` / ``raster``) both are plain causal: the content stream [cls, t_1..t_N] is
+        causal, and query t_i sees cls, t_1..t_{i-1} — causal (top-left) on the keys shifted by
+        the cls — so the model declares it and a backend may use a causal kernel with no mask."""
+        seg_q = order.seg + 1                                            # token segments after cls
+        seg_c = torch.cat([torch.zeros_like(seg_q[:, :1]), seg_q], 1)   # content stream: cls = 0
+        causal = order.segment_size == 1
+        return ops.segment_bounds(seg_c, seg_c, True, causal), ops.segment_bounds(seg_q, seg_c, False, causal)
 
     def forward(self, images: Tensor, order: SegmentOrder) -> Tensor:
         """Scalar training loss."""
@@ -118,13 +128,11 @@ class SAIM(ViTEncoder):
         b, n = order.perm.shape
         k = c.patch_size ** 2 * c.in_chans
         mlp = 2 * int(d * c.mlp_ratio) * d
-        seg_q = order.seg + 1
-        seg_c = torch.cat([torch.zeros_like(seg_q[:, :1]), seg_q], 1)
+        content, query = self.bounds(order)
         fwd = 2 * b * n * k * d
-        fwd += c.depth * (2 * b * (n + 1) * (4 * d * d + mlp)
-                          + 4 * d * float(ops.visible_pairs(seg_c, seg_c, True).sum()))
+        fwd += c.depth * (2 * b * (n + 1) * (4 * d * d + mlp) + 4 * d * float(content.visible_pairs().sum()))
         fwd += c.query_depth * (2 * b * (n * (2 * d * d + mlp) + (n + 1) * 2 * d * d)
-                                + 4 * d * float(ops.visible_pairs(seg_q, seg_c, False).sum()))
+                                + 4 * d * float(query.visible_pairs().sum()))
         head = 2 * d * int(d * c.mlp_ratio) + 2 * int(d * c.mlp_ratio) * k if c.head == "mlp" else 2 * d * k
         fwd += b * n * head
         return 3.0 * fwd
@@ -133,7 +141,7 @@ class SAIM(ViTEncoder):
         """Unmasked encoder (evaluation): [B, 1 + N, D] after the final norm, cls first."""
         perm = torch.arange(self.num_tokens, device=images.device).expand(images.shape[0], -1)
         x = self.content_input(images, perm)
-        seg = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
+        bounds = self.full_bounds(x)
         for blk in self.blocks:
-            x = blk(x, seg, inclusive=True)
+            x = blk(x, bounds)
         return self.norm(x)

@@ -1,8 +1,10 @@
 """ViT building blocks shared by RandSAC and SAIM.
 
 Pre-norm blocks (LayerNorm eps 1e-6), fused qkv projection with bias, GELU MLP, fixed 2D sin-cos
-position embeddings (MAE's construction). Attention goes through :func:`randsac_fast.ops.segment_attention`
-with the segment ids of the current (permuted) sequence; there are no dense masks here.
+position embeddings (MAE's construction). Attention goes through
+:func:`randsac_fast.ops.segment_attention_qkv` / ``segment_attention_cross`` straight from the
+projection's [B, N, 3*D] layout, with the :class:`~randsac_fast.ops.SegmentBounds` of the current
+(permuted) sequence, built once per forward; there are no dense masks here.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import segment_attention
+from ..ops import SegmentBounds, segment_attention_cross, segment_attention_qkv, segment_bounds
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -79,27 +81,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def _heads(self, x: Tensor, parts: int) -> tuple[Tensor, ...]:
-        """[B, N, parts*D] -> parts x [B, H, N, Dh] views (no copies; last dim contiguous)."""
-        b, n, _ = x.shape
-        x = x.view(b, n, parts, self.num_heads, self.head_dim)
-        return tuple(x[:, :, i].transpose(1, 2) for i in range(parts))
+    def forward(self, x: Tensor, bounds: SegmentBounds) -> Tensor:
+        """Self-attention. x: [B, N, D], bounds for (seg, seg) -> [B, N, D]."""
+        out = segment_attention_qkv(self.qkv(x), bounds, self.num_heads, backend=self.backend)
+        return self.proj(out)
 
-    def _merge(self, out: Tensor) -> Tensor:
-        b, _, n, _ = out.shape
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
-
-    def forward(self, x: Tensor, seg: Tensor, inclusive: bool = True) -> Tensor:
-        """Self-attention. x: [B, N, D], seg: [B, N] int32 -> [B, N, D]."""
-        q, k, v = self._heads(self.qkv(x), 3)
-        return self._merge(segment_attention(q, k, v, seg, seg, inclusive=inclusive, backend=self.backend))
-
-    def cross(self, x: Tensor, mem: Tensor, seg_q: Tensor, seg_k: Tensor, inclusive: bool = False) -> Tensor:
+    def cross(self, x: Tensor, mem: Tensor, bounds: SegmentBounds) -> Tensor:
         """Cross-attention: queries from x [B, Nq, D], keys/values from mem [B, Nk, D]."""
         d = x.shape[-1]
-        (q,) = self._heads(F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d]), 1)
-        k, v = self._heads(F.linear(mem, self.qkv.weight[d:], self.qkv.bias[d:]), 2)
-        return self._merge(segment_attention(q, k, v, seg_q, seg_k, inclusive=inclusive, backend=self.backend))
+        q = F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d])
+        kv = F.linear(mem, self.qkv.weight[d:], self.qkv.bias[d:])
+        return self.proj(segment_attention_cross(q, kv, bounds, self.num_heads, backend=self.backend))
 
 
 class Mlp(nn.Module):
@@ -125,12 +117,12 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor, seg: Tensor, inclusive: bool = True) -> Tensor:
-        x = x + self.attn(self.norm1(x), seg, inclusive)
+    def forward(self, x: Tensor, bounds: SegmentBounds) -> Tensor:
+        x = x + self.attn(self.norm1(x), bounds)
         return x + self.mlp(self.norm2(x))
 
-    def cross(self, g: Tensor, h: Tensor, seg_q: Tensor, seg_k: Tensor) -> Tensor:
-        g = g + self.attn.cross(self.norm1(g), self.norm1(h), seg_q, seg_k, inclusive=False)
+    def cross(self, g: Tensor, h: Tensor, bounds: SegmentBounds) -> Tensor:
+        g = g + self.attn.cross(self.norm1(g), self.norm1(h), bounds)
         return g + self.mlp(self.norm2(g))
 
 
@@ -148,9 +140,9 @@ class DecoderBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor, mem: Tensor, seg_q: Tensor, seg_k: Tensor) -> Tensor:
-        x = x + self.self_attn(self.norm1(x), seg_q, inclusive=True)
-        x = x + self.cross_attn.cross(self.norm2(x), self.norm_mem(mem), seg_q, seg_k, inclusive=False)
+    def forward(self, x: Tensor, mem: Tensor, self_bounds: SegmentBounds, mem_bounds: SegmentBounds) -> Tensor:
+        x = x + self.self_attn(self.norm1(x), self_bounds)
+        x = x + self.cross_attn.cross(self.norm2(x), self.norm_mem(mem), mem_bounds)
         return x + self.mlp(self.norm3(x))
 
 
@@ -216,7 +208,12 @@ class ViTEncoder(nn.Module):
 
     def aux_backend(self) -> str:
         """Backend for the targets / skip-memory ops: fused Triton where attention is fast."""
-        return "reference" if self.backend in ("reference", "sdpa", "flex", "xformers") else "auto"
+        return "reference" if self.backend in ("reference", "sdpa", "sdpa_causal", "flex", "xformers") else "auto"
+
+    def full_bounds(self, x: Tensor) -> SegmentBounds:
+        """Bounds of unmasked attention over x [B, N, D] (evaluation: every token sees every token)."""
+        seg = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
+        return segment_bounds(seg, seg, inclusive=True)
 
     def check_order(self, order) -> None:
         if order.num_tokens != self.num_tokens:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "reference", "sdpa", "flex", "xformers", "triton", "cuda")
+BACKENDS = ("auto", "reference", "sdpa", "sdpa_causal", "flex", "xformers", "triton", "cuda")
 
 
 class BackendUnavailable(RuntimeError):

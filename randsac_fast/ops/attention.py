@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
+from ..orders import SENTINEL
 from ._dispatch import auto_order, checks_enabled, lazy, resolve
+from .attention_bounds import SegmentBounds, segment_bounds
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -40,6 +42,7 @@ def _sdpa(q, k, v, seg_q, seg_k, inclusive, scale):
 _TABLE = {
     "reference": lambda: _reference,
     "sdpa": lambda: _sdpa,
+    "sdpa_causal": lambda: _sdpa,     # the per-head API has no causal declaration: the masked path
     "flex": lazy("ops.attention_flex", "segment_attention_flex"),
     "xformers": lazy("ops.attention_xformers", "segment_attention_xformers"),
     "triton": lazy("ops.attention_triton", "segment_attention_triton"),
@@ -112,3 +115,118 @@ def visible_pairs(seg_q: Tensor, seg_k: Tensor, inclusive: bool) -> Tensor:
     """
     kv_len = torch.searchsorted(seg_k.contiguous(), seg_q.contiguous(), right=inclusive)
     return kv_len.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused-projection layout with precomputed bounds: what the models call.
+# ----------------------------------------------------------------------------------------------
+def _heads(x: Tensor, parts: int, num_heads: int) -> list[Tensor]:
+    """[B, N, parts*H*D] -> parts views [B, H, N, D] (no copy; last dim contiguous)."""
+    b, n, _ = x.shape
+    x = x.view(b, n, parts, num_heads, -1)
+    return [x[:, :, i].transpose(1, 2) for i in range(parts)]
+
+
+def _qkv_views(q_src: Tensor, kv_src: Tensor | None, num_heads: int) -> list[Tensor]:
+    if kv_src is None:
+        return _heads(q_src, 3, num_heads)
+    return _heads(q_src, 1, num_heads) + _heads(kv_src, 2, num_heads)
+
+
+def _merge(out: Tensor) -> Tensor:
+    """[B, H, N, D] -> [B, N, H*D]."""
+    b, _, n, _ = out.shape
+    return out.transpose(1, 2).reshape(b, n, -1)
+
+
+def _fused_sdpa(q_src, kv_src, bounds: SegmentBounds, num_heads, scale):
+    """SDPA with the prefix mask of the bounds (padded rows see nothing, output 0)."""
+    q, k, v = _qkv_views(q_src, kv_src, num_heads)
+    seen = (bounds.kv_len > 0)[:, None, :, None]                              # [B, 1, Nq, 1]
+    mask = bounds.mask()[:, None] | ~seen
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return _merge(torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device)))
+
+
+def _fused_sdpa_causal(q_src, kv_src, bounds: SegmentBounds, num_heads, scale):
+    """SDPA's causal kernel (``is_causal=True``, top-left aligned, no mask) where the bounds are
+    declared causal (one token per segment); the masked SDPA path otherwise."""
+    if not bounds.causal:
+        return _fused_sdpa(q_src, kv_src, bounds, num_heads, scale)
+    q, k, v = _qkv_views(q_src, kv_src, num_heads)
+    return _merge(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale))
+
+
+def _fused_reference(q_src, kv_src, bounds: SegmentBounds, num_heads, scale):
+    """The dense reference on the head views; padded queries (seg id >= SENTINEL) see nothing."""
+    q, k, v = _qkv_views(q_src, kv_src, num_heads)
+    seg_q = torch.where(bounds.seg_q >= SENTINEL, torch.full_like(bounds.seg_q, -1), bounds.seg_q)
+    return _merge(reference.segment_attention(q, k, v, seg_q, bounds.seg_k, inclusive=bounds.inclusive, scale=scale))
+
+
+def _per_head(name: str):
+    """Adapter for a backend with only the per-head API (flex, xformers, cuda — the compiled
+    extension keeps its [B, H, N, D] kernels): head views in, [B, N, H*D] out (autograd then
+    adds the per-part gradient copies the native fused paths avoid)."""
+    def run(q_src, kv_src, bounds: SegmentBounds, num_heads, scale):
+        q, k, v = _qkv_views(q_src, kv_src, num_heads)
+        fn = _TABLE[name]()
+        return _merge(fn(q, k, v, bounds.seg_q, bounds.seg_k, bounds.inclusive, scale))
+    return lambda: run
+
+
+_FUSED_TABLE = {
+    "reference": lambda: _fused_reference,
+    "sdpa": lambda: _fused_sdpa,
+    "sdpa_causal": lambda: _fused_sdpa_causal,
+    "flex": _per_head("flex"),
+    "xformers": _per_head("xformers"),
+    "triton": lazy("ops.attention_triton", "fused_attention_triton"),
+    "cuda": _per_head("cuda"),
+}
+
+
+def _validate_fused(q_src: Tensor, kv_src: Tensor | None, bounds: SegmentBounds, num_heads: int, parts: int) -> int:
+    """-> head dim; one clear error for each kind of bad input."""
+    if not isinstance(bounds, SegmentBounds):
+        raise TypeError(f"bounds must be a SegmentBounds (randsac_fast.ops.segment_bounds); got {type(bounds).__name__}")
+    for name, t, want in (("q" if kv_src is not None else "qkv", q_src, parts), ("kv", kv_src, 2)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] % (want * num_heads):
+            raise ValueError(f"{name} must be [B, N, {want}*H*D] with H={num_heads}; got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if t.dtype not in _FLOAT:
+            raise TypeError(f"{name} must be fp16, bf16, fp32 or fp64; got {t.dtype}")
+    b, nq, nk = bounds.shape
+    kv = q_src if kv_src is None else kv_src
+    if q_src.shape[:2] != (b, nq) or kv.shape[:2] != (b, nk):
+        raise ValueError(f"bounds are for (B, Nq, Nk) = {(b, nq, nk)}; got q rows {tuple(q_src.shape[:2])} "
+                         f"and key rows {tuple(kv.shape[:2])} — build the bounds from this split's seg ids")
+    if kv_src is not None and kv_src.shape[-1] != 2 * q_src.shape[-1]:
+        raise ValueError(f"kv must be twice as wide as q ([B, Nk, 2*H*D]); got {kv_src.shape[-1]} vs {q_src.shape[-1]}")
+    return q_src.shape[-1] // parts // num_heads
+
+
+def segment_attention_qkv(qkv: Tensor, bounds: SegmentBounds, num_heads: int, *, scale: float | None = None,
+                          backend: str = "auto") -> Tensor:
+    """Segment-causal self-attention straight from a fused projection.
+
+    qkv: [B, N, 3*H*D] (q | k | v, each head-major), bounds: from :func:`segment_bounds` for this
+    sequence (Nq = Nk = N) -> [B, N, H*D]. Same visibility rule as :func:`segment_attention`;
+    query rows with kv_len 0 (padding, or nothing visible) give 0.
+    """
+    d = _validate_fused(qkv, None, bounds, num_heads, 3)
+    fn = resolve("segment_attention", backend, _FUSED_TABLE, qkv.device,
+                 auto_order(qkv.device, ("triton", "cuda"), ("sdpa",)))
+    return fn(qkv, None, bounds, int(num_heads), float(scale if scale is not None else d ** -0.5))
+
+
+def segment_attention_cross(q: Tensor, kv: Tensor, bounds: SegmentBounds, num_heads: int, *,
+                            scale: float | None = None, backend: str = "auto") -> Tensor:
+    """Cross-attention from a q projection [B, Nq, H*D] into a kv projection [B, Nk, 2*H*D]
+    (k | v) -> [B, Nq, H*D]; bounds from :func:`segment_bounds` (seg_q, seg_k)."""
+    d = _validate_fused(q, kv, bounds, num_heads, 1)
+    fn = resolve("segment_attention", backend, _FUSED_TABLE, q.device,
+                 auto_order(q.device, ("triton", "cuda"), ("sdpa",)))
+    return fn(q, kv, bounds, int(num_heads), float(scale if scale is not None else d ** -0.5))
