@@ -49,6 +49,7 @@ import argparse
 import collections
 import contextlib
 import gc
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -243,9 +244,11 @@ def build_step(name: str, backend: str, batch: int, fsdp: bool, seed: int = 0):
     dist_info = init_distributed("auto")
     device = dist_info.device
     model = model.to(device)
-    if fsdp:
+    if "shard" in inspect.signature(parallelize).parameters:     # the trainer's own wrapping, forced on / off
+        model = parallelize(model, dist_info, shard=fsdp)
+    elif fsdp:
         model = parallelize(model, dist_info, compile=False)
-    elif not hasattr(model, "set_requires_gradient_sync"):
+    if not hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync = lambda flag: None   # what FSDP adds; a no-op unwrapped
     # The trainer's optimizer as it runs on a GPU: AdamW's CUDA default is foreach (or fused where
     # the trainer asks for it); on CPU torch would pick the per-parameter loop, so say foreach.

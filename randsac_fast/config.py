@@ -85,7 +85,9 @@ class TrainConfig:
     ckpt_every: int = doc("save a checkpoint every K optimizer steps (0: only at the end)", 0)
     keep: int = doc("keep the last K checkpoints", 2)
     log_every: int = doc("log metrics every K optimizer steps", 10)
-    compile: bool = doc("torch.compile each transformer block", False)
+    compile: str = doc("torch.compile: none; block (each transformer block); whole (the model's forward + "
+                       "loss as one fullgraph graph); whole-cudagraphs (whole with mode='reduce-overhead', "
+                       "CUDA-graph replay; GPU only, unmeasured until a GPU run)", "none")
     ac: bool = doc("activation checkpointing of each transformer block", False)
     probe: bool = doc("after training, fit a linear probe on frozen avg-pooled features (digits only)",
                       False)

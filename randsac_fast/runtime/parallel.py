@@ -1,5 +1,10 @@
 """Process group and model parallelisation: FSDP2 per transformer block and at the root.
 
+At world size 1 without mixed precision (the CPU) nothing is sharded: FSDP2 there only adds
+parameter copies and hooks (the step trace of ``benchmarks/step_profile.py`` counts ~1,000 more
+dispatched ops per ViT-B step with it). On CUDA the wrapping stays, because it carries the bf16
+mixed-precision policy.
+
 One code path for every launch: under torchrun the environment names rank and world size; a plain
 ``python -m`` run becomes a one-process group (an in-memory store), so the trainer always talks to
 ``torch.distributed`` the same way. NCCL on GPU, gloo on CPU.
@@ -15,7 +20,20 @@ import torch.utils.checkpoint
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "init_distributed", "parallelize", "transformer_blocks"]
+__all__ = ["Dist", "init_distributed", "parallelize", "transformer_blocks", "COMPILE_MODES", "compile_mode"]
+
+#: --compile: none | block (each transformer block) | whole (forward + loss, fullgraph) |
+#: whole-cudagraphs (whole, mode="reduce-overhead": CUDA-graph replay, GPU only, unmeasured so far).
+COMPILE_MODES = ("none", "block", "whole", "whole-cudagraphs")
+
+
+def compile_mode(value) -> str:
+    """Normalise --compile (older configs said true / false for block / none)."""
+    legacy = {True: "block", False: "none", "true": "block", "false": "none"}
+    mode = legacy.get(value.lower() if isinstance(value, str) else value, value)
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}; got {value!r}")
+    return mode
 
 
 @dataclass
@@ -64,22 +82,45 @@ def transformer_blocks(model: nn.Module) -> list[nn.ModuleList]:
     return lists
 
 
-def parallelize(model: nn.Module, dist_info: Dist, *, ac: bool = False, compile: bool = False,
-                mixed_precision: bool | None = None) -> nn.Module:
-    """In place: activation checkpointing, per-block compile, then ``fully_shard`` each block and the root.
+def parallelize(model: nn.Module, dist_info: Dist, *, ac: bool = False, compile="none",
+                mixed_precision: bool | None = None, shard: bool | None = None) -> nn.Module:
+    """In place: activation checkpointing, compile (see :data:`COMPILE_MODES`), then ``fully_shard``
+    each block and the root.
 
     mixed_precision (default: on for CUDA): bf16 parameters for compute, fp32 gradient reduction,
-    fp32 master weights in the optimizer.
+    fp32 master weights in the optimizer. shard (default: unless world size 1 without mixed
+    precision): wrap with FSDP2; an unwrapped model gets a no-op ``set_requires_gradient_sync``.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    mode = compile_mode(compile)
     if mixed_precision is None:
         mixed_precision = dist_info.device.type == "cuda"
+    if shard is None:
+        shard = dist_info.world > 1 or mixed_precision
+    if mode == "whole-cudagraphs" and dist_info.device.type != "cuda":
+        raise ValueError("--compile whole-cudagraphs needs CUDA (CUDA-graph replay); use --compile whole on CPU")
+    if not shard:
+        return _whole(_blocks_only(model, ac, mode), mode)
     mesh = init_device_mesh(dist_info.device.type, (dist_info.world,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision else MixedPrecisionPolicy())
-    shard = dict(mesh=mesh, mp_policy=policy)
+    fsdp = dict(mesh=mesh, mp_policy=policy)
+    _blocks_only(model, ac, mode)
+    for blocks in transformer_blocks(model):
+        for block in blocks:
+            fully_shard(block, **fsdp)
+            if hasattr(block, "cross"):  # SAIM's query stream calls blocks through .cross, not forward
+                register_fsdp_forward_method(block, "cross")
+    fully_shard(model, **fsdp)
+    if hasattr(model, "forward_features"):   # evaluation (k-NN monitor, probes) calls it on the root
+        register_fsdp_forward_method(model, "forward_features")
+    return _whole(model, mode)
+
+
+def _blocks_only(model: nn.Module, ac: bool, mode: str) -> nn.Module:
+    """In place: activation checkpointing and (mode 'block') per-block compile of every block."""
     for blocks in transformer_blocks(model):
         for i, block in enumerate(blocks):
             if ac:
@@ -88,15 +129,21 @@ def parallelize(model: nn.Module, dist_info: Dist, *, ac: bool = False, compile:
                 if hasattr(block, "cross"):         # the wrapper covers forward only: SAIM's query stream too
                     block.cross = functools.partial(torch.utils.checkpoint.checkpoint, block.cross,
                                                     use_reentrant=False)
-            if compile:
+            if mode == "block":
                 block.compile()                     # per block: small graphs, shared across blocks
                 if hasattr(block, "cross"):         # SAIM's query stream: Module.compile covers forward only
                     block.cross = torch.compile(block.cross)
-            fully_shard(block, **shard)
-            if hasattr(block, "cross"):  # SAIM's query stream calls blocks through .cross, not forward
-                register_fsdp_forward_method(block, "cross")
             blocks[i] = block
-    fully_shard(model, **shard)
-    if hasattr(model, "forward_features"):   # evaluation (k-NN monitor, probes) calls it on the root
-        register_fsdp_forward_method(model, "forward_features")
+    return model
+
+
+def _whole(model: nn.Module, mode: str) -> nn.Module:
+    """Modes 'whole' / 'whole-cudagraphs': the model's forward (orders split, bounds, encoder,
+    decoder, loss) compiles as one fullgraph graph; the step is sync-free and shape-stable, so
+    it compiles once per order family. The module itself is returned (``Module.compile``), so
+    state dicts, FSDP methods and evaluation calls see the same object."""
+    if mode in ("whole", "whole-cudagraphs"):
+        model.compile(fullgraph=True, **({"mode": "reduce-overhead"} if mode == "whole-cudagraphs" else {}))
+    if not hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync = lambda requires_gradient_sync: None   # what FSDP2 adds; no-op here
     return model

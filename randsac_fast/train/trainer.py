@@ -49,6 +49,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class Trainer:
+    #: AdamW with fused=True on CUDA (one kernel for the whole update)
+    FUSED_ADAMW = True
+
     def __init__(self, cfg: config_mod.Config):
         self.cfg = cfg
         m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
@@ -90,7 +93,8 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         self.model = parallelize(model.to(self.device), self.dist, ac=t.ac, compile=t.compile)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=self.peak_lr,
-                                           betas=tuple(o.betas))
+                                           betas=tuple(o.betas),
+                                           fused=self.FUSED_ADAMW and self.device.type == "cuda" or None)
         # Each rank draws its own orders (and augmentation noise) from its own generator.
         torch.manual_seed(data_mod.sample_seed(t.seed, -3, rank))
         self.order_gen = torch.Generator().manual_seed(data_mod.sample_seed(t.seed, -2, rank))
@@ -133,8 +137,18 @@ class Trainer:
             (loss / t.accum).backward()
             losses.append(loss.detach())
             self.micro += 1
+        # Clip only when asked; otherwise the norm (a reduction over every gradient) is computed
+        # only on the steps that log or save it (and check it is finite); None on the others.
         clip = self.cfg.optim.clip_grad
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
+        n = self.step + 1
+        due = (n % t.log_every == 0 or n == self.total_steps or (t.ckpt_every and n % t.ckpt_every == 0)
+               or (t.knn_every and n % t.knn_every == 0))
+        if clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        elif due:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        else:
+            grad_norm = None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
