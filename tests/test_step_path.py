@@ -154,3 +154,11 @@ def test_whole_forward_compiles_once_without_breaks(which, specs):
             assert counters["aot_autograd"]["total"] == 1, (spec, dict(counters["aot_autograd"]))
     finally:
         ops.set_checks(True)
+
+
+def test_compile_modes_and_legacy_values():
+    from randsac_fast.runtime.parallel import compile_mode
+    assert [compile_mode(v) for v in (True, False, "true", "whole", "block")] == ["block", "none", "block", "whole",
+                                                                                 "block"]
+    with pytest.raises(ValueError, match="--compile must be one of none, block, whole, whole-cudagraphs; got 'all'"):
+        compile_mode("all")
