@@ -308,6 +308,24 @@ def legacy_booleans(argv: list[str], parser: argparse.ArgumentParser) -> list[st
     return out
 
 
+def comma_list(kind=str):
+    """An argparse ``type`` for the one list syntax of every command: comma-separated values
+    (``--mean 0.5,0.5,0.5``). Used with ``nargs="+"`` and :func:`flat`, the older space-separated
+    spelling (``--mean 0.5 0.5 0.5``) keeps working."""
+    def parse(text: str):
+        try:
+            return [kind(t) for t in text.split(",") if t != ""]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+    parse.__name__ = f"comma-separated {kind.__name__}"
+    return parse
+
+
+def flat(lists):
+    """[[a, b], [c]] -> [a, b, c] (the value of a ``nargs="+"`` :func:`comma_list` flag); None stays None."""
+    return None if lists is None else [x for part in lists for x in part]
+
+
 def _as_argparse(parse, name):
     def wrapped(text):
         try:
