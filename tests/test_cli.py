@@ -220,7 +220,7 @@ def test_failing_rank_says_one_line_and_the_others_exit(tmp_path):
     assert len(one) <= 2 and all("shard 1" in l or "another process" in l for l in one), one
 
 
-def test_error_before_the_process_group_is_printed_by_rank_0_only(monkeypatch, capsys):
+def test_error_before_the_process_group_is_printed_by_rank_0_only(monkeypatch, capsys, tmp_path):
     def bad(_):
         raise ValueError("bad flag value")
     monkeypatch.setenv("RANK", "1")
@@ -228,6 +228,10 @@ def test_error_before_the_process_group_is_printed_by_rank_0_only(monkeypatch, c
     assert summary.run_command(bad) == 1 and capsys.readouterr().err == ""
     monkeypatch.setenv("RANK", "0")
     assert summary.run_command(bad) == 1 and capsys.readouterr().err == "error: bad flag value\n"
+    # Under torchrun the worker's error file carries the line, so torchrun's own report names the cause.
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    assert summary.run_command(bad) == 1
+    assert json.load(open(tmp_path / "error.json"))["message"]["extraInfo"]["py_callstack"] == "error: bad flag value"
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,7 +296,7 @@ def test_config_json_of_a_run_reproduces_it_and_flags_override(digits_run, capsy
     path = os.path.join(out, "config.json")
     written = json.load(open(path))
     again = config.parse_args(["--config", path])
-    assert config.to_dict(again) == written                               # every field, preset and flags
+    assert json.loads(config.dumps(again)) == written                     # every field, preset and flags
     changed = config.parse_args(["--config", path, "--steps", "7", "--no-hflip"])
     assert changed.train.steps == 7 and changed.data.hflip is False and changed.model.embed_dim == 32
 
@@ -334,10 +338,10 @@ def test_lists_are_comma_separated_everywhere(tmp_path):
     assert config.parse_args(["--betas", "0.9,0.99"]).optim.betas == (0.9, 0.99)
     assert interop.parse_sets(["num_heads=2,img_size=8"]) == interop.parse_sets(["num_heads=2", "img_size=8"]) \
         == {"num_heads": 2, "img_size": 8}
-    code, said = _run(viz.main, ["orders", "--spec", "square:2", "--grid", "4,6", "--n", "1",
+    code, said = _run(viz.main, ["orders", "--spec", "square:6", "--grid", "4,6", "--n", "1",
                                  "--out", str(tmp_path / "a.png")])
     assert code == 0 and "figure" in said and os.path.exists(tmp_path / "a.png")
-    code, _ = _run(viz.main, ["orders", "--spec", "square:2", "--grid", "4", "6", "--n", "1",   # the older spelling
+    code, _ = _run(viz.main, ["orders", "--spec", "square:6", "--grid", "4", "6", "--n", "1",   # the older spelling
                               "--out", str(tmp_path / "b.png")])
     assert code == 0
 

@@ -13,11 +13,13 @@ metrics and TensorBoard location, the result, and the next commands with their p
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shlex
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -44,8 +46,20 @@ def _first_to_say(text: str) -> bool:
         return True
 
 
+def _tell_torchrun(text: str) -> None:
+    """torchrun's failure report shows the message a worker leaves in its error file in place of
+    "To enable traceback see: ...", so the report names the cause."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            with open(path, "w") as fh:
+                json.dump({"message": {"message": f"error: {text}", "extraInfo": {
+                    "py_callstack": f"error: {text}", "timestamp": str(int(time.time()))}}}, fh)
+
+
 def report_error(text: str) -> None:
     """Print ``error: text`` once per run (see the module docstring for which rank prints)."""
+    _tell_torchrun(text)
     rank, world = _rank_world()
     if not dist.is_initialized():
         if rank != 0:
