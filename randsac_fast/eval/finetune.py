@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import data as data_mod
-from .. import interop
+from .. import interop, ops
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
 from .linprobe import (add_run_args, check_channels, cli, eval_transform, evaluate, labelled_splits, load_encoder,
                        metrics_logger, norm_stats, summarise)
@@ -65,8 +65,9 @@ class DropPathBlock(nn.Module):
         self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
         self.drop_prob = drop_prob
 
-    def forward(self, x: Tensor, seg: Tensor, inclusive: bool = True) -> Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), seg, inclusive), self.drop_prob, self.training)
+    def forward(self, x: Tensor, bounds) -> Tensor:
+        """x: [B, N, D]; bounds: a ``randsac_fast.ops.SegmentBounds`` shared by every block."""
+        x = x + drop_path(self.attn(self.norm1(x), bounds), self.drop_prob, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training)
 
 
@@ -101,8 +102,9 @@ class Classifier(nn.Module):
             cls = (self.cls_token.to(x.dtype) + pos[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
         seg = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)   # every token sees all
+        bounds = ops.segment_bounds(seg, seg, inclusive=True)
         for blk in self.blocks:
-            x = blk(x, seg, inclusive=True)
+            x = blk(x, bounds)
         return self.norm(x)
 
     def forward(self, images: Tensor) -> Tensor:
