@@ -84,6 +84,11 @@ class TrainConfig:
     resume: str | None = doc("'latest' (newest checkpoint in --out) or a checkpoint directory")
     ckpt_every: int = doc("save a checkpoint every K optimizer steps (0: only at the end)", 0)
     keep: int = doc("keep the last K checkpoints", 2)
+    allow_changed: bool = doc("resume although training settings (batch size, seed, order, lr, steps, ...) differ "
+                              "from the checkpoint's; each change is printed (model-shape changes never resume)",
+                              False)
+    force: bool = doc("start from scratch in an --out that already holds checkpoints (they are kept; the new run "
+                      "writes a new branch of checkpoints)", False)
     log_every: int = doc("log metrics every K optimizer steps", 10)
     compile: bool = doc("torch.compile each transformer block", False)
     ac: bool = doc("activation checkpointing of each transformer block", False)

@@ -24,7 +24,10 @@ from .. import data as data_mod
 from .. import models, ops, orders
 from ..eval.knn import knn_accuracy, labelled_loaders
 from ..eval.probe import linear_probe_accuracy
-from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
+from ..runtime.checkpoint import Checkpointer, NonFiniteState, read_meta, rng_state, set_rng_state
+from ..runtime.lock import lock_run_dir, release_all
+from ..runtime.preempt import EXIT_PREEMPTED, Preempted, Preemption
+from ..runtime.resume_config import check_resume
 from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops
 from ..runtime.parallel import init_distributed, parallelize
 from ..runtime.schedule import lr_at, scaled_lr, set_lr
@@ -67,9 +70,7 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world
         if self.dist.is_main:
             os.makedirs(t.out, exist_ok=True)
-            with open(os.path.join(t.out, "config.json"), "w") as fh:
-                fh.write(config_mod.dumps(cfg))
-            print(f"config ({cfg.preset} preset + flags):\n{config_mod.dumps(cfg)}", flush=True)
+        self.lock = lock_run_dir(t.out, self.dist.is_main)   # one run per directory; raises on every rank
         dist.barrier()
 
         # ---- data: per-rank shards, MAE augmentation ---------------------------------------
@@ -100,15 +101,31 @@ class Trainer:
         self.step, self.micro = 0, 0
         self.last_ckpt = None
         if t.resume:
-            path = self.ckpt.resolve(t.resume)
+            path = self.ckpt.resolve(t.resume, say=self._say)
             if path is None:
                 self._say(f"--resume latest: no checkpoint in {t.out} yet; starting from scratch")
             else:
+                for line in check_resume(path, read_meta(path).get("config", {}), config_mod.to_dict(cfg),
+                                         self.source.channels, t.allow_changed):
+                    self._say(line)
                 meta, state = self.ckpt.load(path, self.model, self.optimizer)
                 if state is not None:
                     set_rng_state(state, self.order_gen)
                 self.step, self.micro, self.last_ckpt = meta["step"], meta["micro"], path
                 self._say(f"resumed from {path} at step {self.step}")
+                if self.ckpt.parent:
+                    self._say(f"{path} is not the newest checkpoint of its branch: this run writes branch "
+                              f"{self.ckpt.branch} (step_XXXXXXXX.branch{self.ckpt.branch}); the newer ones are kept")
+        elif self.ckpt.latest() is not None:
+            if not t.force:
+                raise ValueError(f"--out {t.out} already holds checkpoints (newest: {self.ckpt.latest()}); pass "
+                                 "--resume latest to continue that run, or --force to start from scratch beside "
+                                 "them (a new branch; nothing is deleted)")
+            self._say(f"--force: starting from scratch; the checkpoints in {t.out} are kept, this run writes a new branch")
+        if self.dist.is_main:   # only once the resume is known to be valid: a refused one changes nothing
+            with open(os.path.join(t.out, "config.json"), "w") as fh:
+                fh.write(config_mod.dumps(cfg))
+            print(f"config ({cfg.preset} preset + flags):\n{config_mod.dumps(cfg)}", flush=True)
         self.metrics = MetricsLogger(t.out, self.dist.is_main, self.total_steps, self.step)
         self.peak = peak_flops(self.device)
 
@@ -144,7 +161,8 @@ class Trainer:
     def train(self) -> None:
         checks = ops.checks_enabled(None)
         try:
-            self._loop()
+            with Preemption(self.dist.rank, self.dist.world, last_good=lambda: self.last_ckpt) as self.preempt:
+                self._loop()
         finally:
             ops.set_checks(checks)         # the switch is process-wide: leave it as found
         self.metrics.close()
@@ -162,7 +180,8 @@ class Trainer:
             pending.append((self.step, loss))
             skipped += bad
             last = self.step == self.total_steps
-            save = last or (t.ckpt_every and self.step % t.ckpt_every == 0)
+            stop = self.preempt.requested()                # SIGTERM / SIGINT on any rank: all stop here
+            save = last or (t.ckpt_every and self.step % t.ckpt_every == 0) or stop
             knn = (knn_accuracy(self.model, *self.knn_loaders, k=t.knn_k, device=self.device)
                    if t.knn_every and (self.step % t.knn_every == 0 or last) else None)
             if save or self.step % t.log_every == 0 or knn is not None:
@@ -175,7 +194,9 @@ class Trainer:
                 self.metrics.log(record)
                 pending, tick, tick_step = [], time.perf_counter(), self.step
             if save:
-                self.save()
+                self.save(grad_norm)
+            if stop and not last:
+                raise Preempted(self.preempt.signame, self.step, self.last_ckpt)
 
     def _check_losses(self, pending) -> list[tuple[int, float]]:
         """Average each pending step's loss over ranks; stop on the first non-finite one."""
@@ -204,10 +225,18 @@ class Trainer:
                           max_mem_gib=torch.cuda.max_memory_allocated(self.device) / 2**30)
         return record
 
-    def save(self) -> None:
+    def save(self, grad_norm=None) -> None:
+        """Collective. Refuses a non-finite state (checked here, on every rank: parameters, optimizer
+        state and the last gradient norm) with TrainingError naming the last good checkpoint."""
         meta = {"micro": self.micro, "total_steps": self.total_steps, "warmup_steps": self.warmup,
                 "peak_lr": self.peak_lr, "config": config_mod.to_dict(self.cfg)}
-        self.last_ckpt = self.ckpt.save(self.step, self.model, self.optimizer, meta, rng_state(self.order_gen))
+        try:
+            self.last_ckpt = self.ckpt.save(self.step, self.model, self.optimizer, meta, rng_state(self.order_gen),
+                                            grad_norm=grad_norm)
+        except NonFiniteState as e:
+            where = (f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt
+                     else "no checkpoint was written yet")
+            raise TrainingError(f"{e} ({where}); try a lower --blr or --clip-grad") from None
 
     # ---- linear probe (digits) -----------------------------------------------------------------
     def probe(self) -> tuple[float, float] | None:
@@ -238,7 +267,17 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, TrainingError, ops.BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except Preempted as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(str(e), file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.barrier()      # leave together: torchrun stops the others when the first one exits
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:   # Ctrl-C before the training loop took over the signal
+        print("interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+        return 130
     finally:
+        release_all()           # the run-directory lock
         if dist.is_initialized():
             dist.destroy_process_group()
     if result is not None:
