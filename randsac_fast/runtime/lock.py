@@ -18,8 +18,6 @@ import socket
 import threading
 import time
 
-import torch.distributed as dist
-
 __all__ = ["RunLocked", "RunLock", "lock_run_dir", "release_all", "HEARTBEAT_S", "STALE_AFTER_S"]
 
 HEARTBEAT_S = 30.0
@@ -145,6 +143,7 @@ class RunLock:
 
 def lock_run_dir(out_dir: str, is_main: bool) -> RunLock | None:
     """Collective: rank 0 takes the lock; every rank raises the same RunLocked if it is held."""
+    import torch.distributed as dist
     lock, error = None, None
     if is_main:
         try:
