@@ -139,6 +139,15 @@ def test_non_finite_state_is_never_saved_and_nothing_is_pruned(group, tmp_path, 
     assert _names(tmp_path) == ["step_00000001"] and cp.verify(good) is None and cp.last_good == good
 
 
+def test_huge_but_finite_values_are_saved(group, tmp_path):
+    # The check screens with a sum, which overflows here: it must not call this state broken.
+    model, opt = _tiny()
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)
+    assert ck.non_finite_state(model, opt) is None
+    _save(Checkpointer(str(tmp_path), keep=1, rank=0, world=1), 1, model, opt)
+
+
 def test_trainer_refuses_to_checkpoint_nan_weights_after_a_finite_loss(tmp_path, monkeypatch, capsys):
     """The --blr 1e6 case: step 2's loss is finite, the update after it is not."""
     from randsac_fast import train

@@ -135,7 +135,12 @@ def non_finite_state(model, optimizer=None, grad_norm=None) -> str | None:
     if not checked:
         return None
     device = _local_part(checked[0][1]).device
-    flags = torch.stack([~torch.isfinite(_local_part(t).detach()).all().to(device) for _, t in checked]).to(torch.int32)
+    # Fast screen: a sum is NaN/Inf when some element is (one read per tensor, no boolean temporary).
+    # A sum can also overflow with finite elements, so a flagged tensor is checked element-wise.
+    local = [_local_part(t).detach() for _, t in checked]
+    flags = torch.stack([~torch.isfinite(t.sum()).to(device) for t in local]).to(torch.int32)
+    for i in flags.nonzero().flatten().tolist():
+        flags[i] = int(not torch.isfinite(local[i]).all())
     if _world() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad = [checked[i][0] for i in flags.nonzero().flatten().tolist()]
