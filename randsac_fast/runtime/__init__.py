@@ -7,5 +7,6 @@
 - :mod:`.preempt` — SIGTERM / SIGINT: all ranks finish the step, save, exit with code 75;
 - :mod:`.resume_config` — a resume's config against the checkpoint's (shape changes refused);
 - :mod:`.metrics` — metrics.jsonl / TensorBoard logging, FLOP counting and MFU;
-- :mod:`.schedule` — learning-rate scaling, warmup and cosine decay.
+- :mod:`.schedule` — learning-rate scaling, warmup and cosine decay;
+- :mod:`.summary` — how every command ends: one error line, or a summary with the next commands.
 """

@@ -28,9 +28,10 @@ from ..runtime.checkpoint import Checkpointer, NonFiniteState, read_meta, rng_st
 from ..runtime.lock import lock_run_dir, release_all
 from ..runtime.preempt import EXIT_PREEMPTED, Preempted, Preemption
 from ..runtime.resume_config import check_resume
-from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops
+from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops, require_wandb
 from ..runtime.parallel import init_distributed, parallelize
 from ..runtime.schedule import lr_at, scaled_lr, set_lr
+from ..runtime.summary import pretrain_summary, run_command
 
 
 class TrainingError(RuntimeError):
@@ -58,6 +59,9 @@ class Trainer:
         if t.batch_size < 1 or t.accum < 1:
             raise ValueError(f"--batch-size and --accum must be >= 1; got {t.batch_size} and {t.accum}")
         # ---- validate everything cheap before any process group or output exists -----------
+        if t.wandb:
+            require_wandb()
+        d.data = data_mod.pretraining_root(d.data)
         self.source = data_mod.open_source(d.data, m.img_size, d.synthetic_size, split="train")
         torch.manual_seed(t.seed)                    # identical initial weights on every rank
         model = models.build_from_config(m, self.source.channels, cfg.flags)
@@ -126,7 +130,9 @@ class Trainer:
             with open(os.path.join(t.out, "config.json"), "w") as fh:
                 fh.write(config_mod.dumps(cfg))
             print(f"config ({cfg.preset} preset + flags):\n{config_mod.dumps(cfg)}", flush=True)
-        self.metrics = MetricsLogger(t.out, self.dist.is_main, self.total_steps, self.step)
+        self.metrics = MetricsLogger(t.out, self.dist.is_main, self.total_steps, self.step,
+                                     config=config_mod.to_dict(cfg), metric_tags=("loss", "knn_top1"),
+                                     wandb={"project": t.wandb_project} if t.wandb else None)
         self.peak = peak_flops(self.device)
 
     def _say(self, text: str) -> None:
@@ -261,28 +267,27 @@ class Trainer:
 def main(argv=None) -> int:
     cfg = config_mod.parse_args(argv)
     try:
-        trainer = Trainer(cfg)
-        trainer.train()
-        result = trainer.probe() if cfg.train.probe else None
-    except (ValueError, FileNotFoundError, TrainingError, ops.BackendUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except Preempted as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(str(e), file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            dist.barrier()      # leave together: torchrun stops the others when the first one exits
-        return EXIT_PREEMPTED
+        return run_command(lambda _: _run(cfg), errors=(ValueError, FileNotFoundError, ImportError, TrainingError,
+                                                        ops.BackendUnavailable))
     except KeyboardInterrupt:   # Ctrl-C before the training loop took over the signal
         print("interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
         return 130
     finally:
         release_all()           # the run-directory lock
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if result is not None:
-        trained, random_init = result
-        print(f"linear probe accuracy: {trained:.4f} (random-init encoder: {random_init:.4f})", flush=True)
+
+
+def _run(cfg: config_mod.Config) -> int:
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    except Preempted as e:      # the checkpoint is written: say so, leave together, exit 75
+        if trainer.dist.is_main:
+            print(str(e), file=sys.stderr, flush=True)
+        dist.barrier()          # torchrun stops the other workers as soon as the first one exits
+        return EXIT_PREEMPTED
+    result = trainer.probe() if cfg.train.probe else None
+    if trainer.dist.is_main:
+        pretrain_summary(cfg.train.out, trainer.last_ckpt, cfg.data.data, result)
     return 0
 
 
