@@ -513,8 +513,7 @@ def _unreadable(path: str):
     except ValueError:
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, AttributeError, OSError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first}); it is damaged or not "
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is damaged or not "
                          "a checkpoint — pass an intact step_XXXXXXXX directory or state-dict file") from None
 
 
