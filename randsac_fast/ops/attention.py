@@ -7,7 +7,9 @@ Contract (shared by every backend):
 * seg_q: [B, Nq], seg_k: [B, Nk], int32, each row non-decreasing. Key j is visible to query i
   iff ``seg_k[j] <= seg_q[i]`` (``inclusive=True``) or ``seg_k[j] < seg_q[i]`` (strict). Because
   the rows are sorted, the visible keys of a query are a prefix of the key sequence.
-* Padding: keys whose seg id is larger than every real query's (a sentinel) are invisible.
+* Padding: keys whose seg id is larger than every real query's (a sentinel) are invisible, and a
+  key no query sees may hold anything (NaN / Inf): it changes no output and gets zero gradient.
+  With the data checks on (``ops.set_checks``), non-finite q, or k / v at a seen key, is refused.
 * A query that sees no key (strict mask, first segment) gets output 0 and zero gradient.
 * Returns [B, H, Nq, D] in q's dtype.
 """
