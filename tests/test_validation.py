@@ -155,7 +155,8 @@ def test_garbage_cifar_pickle(kind, tmp_path, capsys):
     root = _cifar_dir(tmp_path, GARBAGE[kind])
     with pytest.raises(data.DataError, match="data_batch_1 is not a CIFAR python pickle"):
         data.open_source(root, 32)
-    assert_one_line_error(trainer.main, ["--data", root, "--out", str(tmp_path / "run")], capsys,
+    assert_one_line_error(trainer.main, ["--preset", "randsac_cifar10_square", "--data", root, "--out",
+                                         str(tmp_path / "run")], capsys,
                           "is not a CIFAR python pickle", "re-download")
 
 
