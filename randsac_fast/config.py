@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -265,7 +266,7 @@ def build_parser(preset: str = DEFAULT_PRESET, file_values: dict | None = None,
     will use given ``preset`` and the ``--config`` file's values."""
     presets = "\n".join(f"  {k}: {src}" for k, (src, _) in PRESETS.items())
     file_values = file_values or {}
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m randsac_fast.train",
         usage="%(prog)s [--preset NAME] [--config FILE] [--FIELD VALUE | --FLAG | --no-FLAG ...]",
         description="RandSAC / SAIM pre-training (FSDP2; torchrun for several processes). Values come "
@@ -481,3 +482,219 @@ def to_dict(cfg: Config) -> dict:
 
 def dumps(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: one declared rule per field (RULES), checked by validate() — every value a user
+# can type is refused with one line naming the flag, the value and what it must be.
+# --------------------------------------------------------------------------------------------
+class Rule:
+    """A constraint on one value: ``rule(value)`` -> None when it holds, else what it must be."""
+    complete = False         # True: the message names the fix without the field's doc
+
+    def __init__(self, test, must: str):
+        self.test, self.must = test, must
+
+    def __call__(self, value) -> str | None:
+        try:
+            return None if self.test(value) else self.must
+        except (TypeError, ValueError):
+            return self.must
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def at_least(n: int) -> Rule:
+    return Rule(lambda x: _is_int(x) and x >= n, f"an integer >= {n}")
+
+
+def integer() -> Rule:
+    return Rule(_is_int, "an integer")
+
+
+def positive() -> Rule:
+    return Rule(lambda x: _is_real(x) and x > 0, "a finite number > 0")
+
+
+def non_negative() -> Rule:
+    return Rule(lambda x: _is_real(x) and x >= 0, "a finite number >= 0")
+
+
+def boolean() -> Rule:
+    return Rule(lambda x: isinstance(x, bool), "true or false")
+
+
+def text() -> Rule:
+    return Rule(lambda x: isinstance(x, str) and x != "", "a non-empty string")
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda x: x in choices, f"one of {', '.join(choices)}")
+
+
+def optional(rule: Rule) -> Rule:
+    return Rule(lambda x: x is None or rule(x) is None, f"{rule.must}, or none")
+
+
+def each(rule: Rule, length: int | None = None) -> Rule:
+    count = f"{length} comma-separated values, each" if length else "comma-separated values, each"
+    return Rule(lambda x: isinstance(x, (tuple, list)) and len(x) >= 1 and (length is None or len(x) == length)
+                and all(rule(v) is None for v in x), f"{count} {rule.must}")
+
+
+def interval(low: float, high: float) -> Rule:
+    """A pair (a, b) with low < a <= b <= high."""
+    top = "" if math.isinf(high) else f" <= {high:g}"
+    return Rule(lambda x: isinstance(x, (tuple, list)) and len(x) == 2 and all(_is_real(v) for v in x)
+                and low < x[0] <= x[1] and x[1] <= high, f"two values a,b with {low:g} < a <= b{top}")
+
+
+def odd_or_zero() -> Rule:
+    return Rule(lambda x: _is_int(x) and (x in (0, 1) or (x >= 3 and x % 2 == 1)), "0 (off) or an odd size >= 3")
+
+
+def fraction() -> Rule:
+    return Rule(lambda x: _is_real(x) and 0 <= x < 1, "a number in [0, 1)")
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _writable_dir(path) -> str | None:
+    if not isinstance(path, str) or not path:
+        return "a directory path"
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "a directory, but it is a file — pass a directory (it is created if missing)"
+    base = _nearest_existing(path)
+    if not os.path.isdir(base):
+        return f"a directory, but {base} is a file — pass a path under a directory"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"a writable directory, but {base} is read-only — pass a directory you can write to"
+    return None
+
+
+def writable_dir() -> Rule:
+    """A directory (existing or to be created) that can be written; checked without writing."""
+    return _PathRule(_writable_dir)
+
+
+def _writable_file(path, create_parent: bool) -> str | None:
+    if not isinstance(path, str) or not path:
+        return "a file path"
+    if os.path.isdir(path):
+        return "a file, but it is a directory — pass a file name"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) and not create_parent:
+        return f"a file in an existing directory, but {parent} does not exist — create it first"
+    base = _nearest_existing(parent)
+    if not os.path.isdir(base):
+        return f"a file under a directory, but {base} is a file — pass another path"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"a writable file, but {base} is read-only — pass a path you can write to"
+    return None
+
+
+class _PathRule(Rule):
+    """A rule whose message names what is wrong with the path (file, read-only ancestor ...)."""
+    complete = True          # the message says the fix itself: no field doc appended
+
+    def __init__(self, check):
+        self.check, self.must = check, "a path"
+
+    def __call__(self, value) -> str | None:
+        return self.check(value)
+
+
+def writable_file(create_parent: bool = False) -> Rule:
+    """An output file whose directory exists (or, with ``create_parent``, can be created) and can
+    be written; checked without writing."""
+    return _PathRule(lambda path: _writable_file(path, create_parent))
+
+
+def _device(x) -> bool:
+    return x in ("auto", "cpu", "cuda")
+
+
+#: The constraint of every field (tests assert that each field has one).
+RULES: dict[str, Rule] = {
+    # model
+    "model": text(), "img_size": at_least(1), "patch_size": at_least(1),
+    "embed_dim": optional(at_least(1)), "depth": optional(at_least(1)), "num_heads": optional(at_least(1)),
+    "decoder_depth": optional(at_least(1)), "decoder_num_heads": optional(at_least(1)),
+    "query_depth": optional(at_least(1)), "share_weight": optional(boolean()),
+    "head": optional(one_of("mlp", "linear")), "skip_memory": optional(boolean()),
+    "blur_kernel": optional(odd_or_zero()), "blur_sigma": optional(positive()), "norm_pix": optional(boolean()),
+    "loss": optional(one_of("mse", "l1")),
+    "backend": one_of("auto", "reference", "sdpa", "flex", "xformers", "triton", "cuda"),
+    # data
+    "data": text(), "crop_scale": interval(0.0, 1.0), "crop_ratio": interval(0.0, math.inf), "hflip": boolean(),
+    "mean": optional(each(Rule(_is_real, "a finite number"))), "std": optional(each(positive())),
+    "workers": at_least(0), "synthetic_size": at_least(1), "knn_data": optional(text()),
+    # optim
+    "blr": positive(), "min_lr": non_negative(), "weight_decay": non_negative(), "betas": each(fraction(), 2),
+    "warmup_steps": optional(at_least(0)), "warmup_epochs": non_negative(), "clip_grad": optional(positive()),
+    # train
+    "out": writable_dir(), "steps": optional(at_least(1)), "epochs": positive(), "batch_size": at_least(1),
+    "accum": at_least(1), "seed": integer(), "order": text(), "resume": optional(text()),
+    "ckpt_every": at_least(0), "keep": at_least(1), "log_every": at_least(1), "compile": boolean(),
+    "ac": boolean(), "probe": boolean(), "knn_every": at_least(0), "knn_k": at_least(1),
+    "knn_images": optional(at_least(1)), "device": Rule(_device, "auto, cpu or cuda"),
+    "wandb": boolean(), "wandb_project": text(),
+}
+
+
+def _shown(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return repr(value) if value == "" or not isinstance(value, (str, int, float)) else str(value)
+
+
+def check_value(name: str, value, rule: Rule, doc_text: str = "") -> None:
+    """Raise ValueError('--flag VALUE: must be ... (doc)') when ``value`` breaks ``rule``."""
+    must = rule(value)
+    if must is not None:
+        about = f" ({doc_text})" if doc_text and not rule.complete else ""
+        raise ValueError(f"{_flag(name)} {_shown(value)}: must be {must}{about}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field against its rule (and the few rules between fields); the first broken
+    one raises ValueError with one line naming the flag, the value and the fix."""
+    for sec, f in _fields(cfg):
+        check_value(f.name, getattr(sec, f.name), RULES[f.name], f.metadata.get("doc", ""))
+    d = cfg.data
+    if d.mean is not None and d.std is not None and len(d.mean) != len(d.std):
+        raise ValueError(f"--mean {_shown(d.mean)} and --std {_shown(d.std)}: give one value per channel to both")
+    return cfg
+
+
+def check_channels(cfg: Config, channels: int) -> None:
+    """--mean / --std must give one value per channel of the data."""
+    for name in ("mean", "std"):
+        value = getattr(cfg.data, name)
+        if value is not None and len(value) != channels:
+            raise ValueError(f"--{name} {_shown(value)}: the data has {channels} channel(s); give {channels} "
+                             f"comma-separated value(s) (or none: the data set's own)")
+
+
+def check_args(args: argparse.Namespace, rules: dict[str, Rule]) -> None:
+    """The same checks for another command's parsed flags (``rules``: dest name -> rule)."""
+    for name, rule in rules.items():
+        check_value(name, getattr(args, name), rule)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage of ~50 flags would bury it); exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import reference
+from . import _validate
 from ._dispatch import auto_order, lazy, resolve
 
 _TABLE = {
@@ -25,6 +26,7 @@ def skip_memory(hidden: Tensor, weight: Tensor, *, backend: str = "auto") -> Ten
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if not hidden.is_floating_point() or not weight.is_floating_point():
         raise TypeError(f"hidden and weight must be floating point; got {hidden.dtype}, {weight.dtype}")
+    _validate.skip_args(hidden, weight)
     fn = resolve("skip_memory", backend, _TABLE, hidden.device,
                  auto_order(hidden.device, ("triton",), ("reference",)))
     return fn(hidden, weight)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from . import _validate
 from ._dispatch import auto_order, checks_enabled, lazy, resolve
 
 
@@ -62,8 +63,6 @@ def validate_images(images: Tensor, patch_size: int, blur_kernel: int, blur_sigm
                              f"resize or crop to a multiple of {patch_size}")
     if blur_kernel not in (0, 1) and (blur_kernel < 0 or blur_kernel % 2 == 0):
         raise ValueError(f"blur_kernel must be 0 (no blur) or an odd size >= 3; got {blur_kernel}")
-    if blur_kernel > 1 and not blur_sigma > 0:
-        raise ValueError(f"blur_sigma must be > 0; got {blur_sigma}")
 
 
 def validate_perm(perm: Tensor, batch: int, num_tokens: int, device) -> None:
@@ -80,6 +79,7 @@ def patch_targets(images: Tensor, patch_size: int, *, blur_kernel: int = 0, blur
                   norm_pix: bool = True, perm: Tensor | None = None, backend: str = "auto") -> Tensor:
     """Regression targets, float32 [B, N, P*P*C] (or [B, N', ...] gathered by ``perm``)."""
     validate_images(images, patch_size, blur_kernel, blur_sigma)
+    norm_pix = _validate.target_args(images, patch_size, blur_kernel, blur_sigma, norm_pix)
     b, _, h, w = images.shape
     if perm is not None:
         validate_perm(perm, b, (h // patch_size) * (w // patch_size), images.device)
@@ -99,6 +99,7 @@ def patch_loss(pred: Tensor, images: Tensor, patch_size: int, perm: Tensor, vali
     w.r.t. ``pred``.
     """
     validate_images(images, patch_size, blur_kernel, blur_sigma)
+    norm_pix = _validate.target_args(images, patch_size, blur_kernel, blur_sigma, norm_pix)
     if loss not in ("mse", "l1"):
         raise ValueError(f"loss must be 'mse' or 'l1'; got {loss!r}")
     b, c, h, w = images.shape

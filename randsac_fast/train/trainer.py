@@ -56,13 +56,13 @@ class Trainer:
     def __init__(self, cfg: config_mod.Config):
         self.cfg = cfg
         m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-        if t.batch_size < 1 or t.accum < 1:
-            raise ValueError(f"--batch-size and --accum must be >= 1; got {t.batch_size} and {t.accum}")
         # ---- validate everything cheap before any process group or output exists -----------
+        config_mod.validate(cfg)
         if t.wandb:
             require_wandb()
         d.data = data_mod.pretraining_root(d.data)
         self.source = data_mod.open_source(d.data, m.img_size, d.synthetic_size, split="train")
+        config_mod.check_channels(cfg, self.source.channels)
         torch.manual_seed(t.seed)                    # identical initial weights on every rank
         model = models.build_from_config(m, self.source.channels, cfg.flags)
         self.order_spec = orders.check_fits(t.order, model.grid)
