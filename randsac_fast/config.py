@@ -649,7 +649,7 @@ RULES: dict[str, Rule] = {
     "ckpt_every": at_least(0), "keep": at_least(1), "log_every": at_least(1), "compile": boolean(),
     "ac": boolean(), "probe": boolean(), "knn_every": at_least(0), "knn_k": at_least(1),
     "knn_images": optional(at_least(1)), "device": Rule(_device, "auto, cpu or cuda"),
-    "wandb": boolean(), "wandb_project": text(),
+    "wandb": boolean(), "wandb_project": text(), "allow_changed": boolean(), "force": boolean(),
 }
 
 
