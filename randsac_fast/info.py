@@ -1,4 +1,4 @@
-"""``python -m randsac_fast.info [--json] [--quick]``: what this machine runs, and how well.
+"""``python -m randsac_fast.info [--json] [--quick] [--out FILE]``: what this machine runs, and how well.
 
 Like ``python -m xformers.info`` or ``torch.utils.collect_env``: versions (python, torch, CUDA,
 cuDNN, triton, driver, GPUs), which backends of each op import / are built, the self-check verdict
@@ -228,8 +228,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m randsac_fast.info", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object with every field")
     p.add_argument("--quick", action="store_true", help="one dtype and structure per op (a rehearsal of the report)")
+    p.add_argument("--out", default=None, help="also write the JSON to this file (the report still prints)")
     args = p.parse_args(argv)
     info = collect(args.quick)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(info, indent=1))
     print(json.dumps(info, indent=1) if args.json else report(info))
     failed = [r for r in info["selfcheck"] if r["status"] in ("mismatch", "error")]
     return 1 if failed else 0
