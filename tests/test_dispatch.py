@@ -331,3 +331,12 @@ def test_the_real_triton_kernels_pass_under_the_interpreter():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     verdict = _dispatch.verify(OP, "triton", device, torch.float32, (32, False, "strided"))
     assert verdict.status == "ok", verdict.summary()
+
+
+def test_set_mode_forgets_the_choices_made_under_the_old_mode(fast_on_cpu, monkeypatch):
+    _install(monkeypatch, attention._TABLE, triton=lambda *a: _sdpa(*a) + 0.1, cuda=None)
+    q, k, v, seg = _inputs()
+    with pytest.warns(RuntimeWarning, match="self-check"):
+        fallback = _call(q, k, v, seg)
+    selfcheck.set_mode("off")
+    torch.testing.assert_close(_call(q, k, v, seg), fallback + 0.1)

@@ -79,6 +79,7 @@ class Problems:
 
 _PROBLEMS: dict[str, Problems] = {}
 _CHOICES: dict[tuple, str] = {}
+selfcheck.ON_MODE_CHANGE.append(_CHOICES.clear)
 
 
 def register(op: str, table: dict, *, fast: tuple[str, ...], fallback: tuple[str, ...], check: Callable,
@@ -131,10 +132,12 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, structure: tuple, 
            order: tuple[str, ...]) -> str:
     """The backend name ``auto`` uses for this call (verified, then measured); cached.
 
-    Called eagerly on every eager call (a dict hit after the first) and once per trace under
-    torch.compile, where its result is a constant: nothing it runs enters the graph.
+    Called eagerly on the first eager call of a key and once per trace under torch.compile, where
+    its result is a constant: nothing it runs enters the graph. The self-check mode and the
+    autotune switch are read when a key is first chosen (:func:`selfcheck.set_mode` forgets the
+    choices made so far).
     """
-    memo = (op, device, dtype, structure, shape, order, selfcheck.mode())
+    memo = (op, device, dtype, structure, shape)
     name = _CHOICES.get(memo)
     if name is not None:
         return name
@@ -183,6 +186,10 @@ def resolve(op: str, backend: str, table: dict[str, Callable[[], Callable]], dev
     first backend of ``auto_order`` that loads.
     """
     if backend == "auto" and structure is not None and op in _PROBLEMS:
+        if not torch.compiler.is_compiling():          # the steady state: one dict lookup
+            name = _CHOICES.get((op, device, dtype, structure, shape))
+            if name is not None:
+                return table[name]()
         order = _PROBLEMS[op].order(device)
         return table[choose(op, device, dtype, static(structure), static(shape), order)]()
     if backend == "auto":

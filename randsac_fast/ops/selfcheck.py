@@ -37,6 +37,7 @@ FACTOR = 3.0          # the fast backend may be at most 3x worse than plain PyTo
 FLOOR = 2e-5          # ... plus this, times max(1, |reference|): fp32 rounding of the FA2-style backward
 
 _mode_override: str | None = None
+ON_MODE_CHANGE: list[Callable[[], None]] = []     # the dispatcher's choice cache registers its reset
 
 
 class SelfCheckFailed(RuntimeError):
@@ -57,6 +58,8 @@ def set_mode(value: str | None) -> None:
     if value is not None and value not in MODES:
         raise ValueError(f"self-check mode {value!r} is not one of {', '.join(MODES)}")
     _mode_override = value
+    for forget in ON_MODE_CHANGE:     # choices made under the old mode no longer hold
+        forget()
 
 
 # --------------------------------------------------------------------------- the tolerance rule
