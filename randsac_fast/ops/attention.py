@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from . import _validate
-from ._dispatch import auto_order, checks_enabled, lazy, resolve
+from . import _validate, cases
+from ._dispatch import checks_enabled, lazy, register, resolve
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -49,6 +49,8 @@ _TABLE = {
     "triton": lazy("ops.attention_triton", "segment_attention_triton"),
     "cuda": lazy("ops.attention_cuda", "segment_attention_cuda"),
 }
+register("segment_attention", _TABLE, fast=("triton", "cuda"), fallback=("sdpa",), check=cases.attention_check, timing=cases.attention_timing,
+         trusted=("reference", "sdpa"))
 
 
 def check_seg(seg: Tensor, name: str, batch: int, length: int, device, check_sorted: bool | None) -> None:
@@ -95,7 +97,8 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Ten
                       check_sorted: bool | None = None) -> Tensor:
     """Segment-causal attention (see the module docstring for the contract).
 
-    backend: ``auto`` (triton, then cuda, on CUDA tensors; sdpa elsewhere), ``reference``,
+    backend: ``auto`` (on CUDA tensors the fastest of triton, cuda and sdpa that passed its one-time
+    self-check on this device; sdpa elsewhere — see :mod:`randsac_fast.ops.selfcheck`), ``reference``,
     ``sdpa``, ``flex``, ``xformers``, ``triton``, ``cuda``. ``check_sorted`` overrides the global
     switch (:func:`randsac_fast.ops.set_checks`) for the one sync-costing check.
     """
@@ -103,8 +106,10 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Ten
     inclusive, scale = _validate.attention_args(q, k, v, seg_q, seg_k, inclusive, scale, check_sorted)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    layout = "contiguous" if q.is_contiguous() and k.is_contiguous() and v.is_contiguous() else "strided"
     fn = resolve("segment_attention", backend, _TABLE, q.device,
-                 auto_order(q.device, ("triton", "cuda"), ("sdpa",)))
+                 dtype=q.dtype, structure=(q.shape[-1], bool(inclusive), layout),
+                 shape=(q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     return fn(q, k, v, seg_q, seg_k, bool(inclusive), float(scale))
 
 

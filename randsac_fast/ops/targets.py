@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from . import _validate
-from ._dispatch import auto_order, checks_enabled, lazy, resolve
+from . import _validate, cases
+from ._dispatch import checks_enabled, lazy, register, resolve
 
 
 def _targets_torch(images, patch_size, blur_kernel, blur_sigma, norm_pix, perm):
@@ -33,6 +33,8 @@ _LOSS = {
     "reference": lambda: _loss_torch,
     "triton": lazy("ops.targets_triton", "patch_loss_triton"),
 }
+register("patch_targets", _TARGETS, fast=("triton",), fallback=("reference",), check=cases.targets_check, timing=cases.targets_timing)
+register("patch_loss", _LOSS, fast=("triton",), fallback=("reference",), check=cases.loss_check, timing=cases.loss_timing)
 
 
 def masked_patch_loss(pred: Tensor, target: Tensor, valid: Tensor | None, loss: str) -> Tensor:
@@ -84,7 +86,9 @@ def patch_targets(images: Tensor, patch_size: int, *, blur_kernel: int = 0, blur
     if perm is not None:
         validate_perm(perm, b, (h // patch_size) * (w // patch_size), images.device)
     fn = resolve("patch_targets", backend, _TARGETS, images.device,
-                 auto_order(images.device, ("triton",), ("reference",)))
+                 dtype=images.dtype, structure=(images.shape[1], patch_size, int(blur_kernel), bool(norm_pix),
+                                                perm is not None),
+                 shape=(b, h, w, perm.shape[1] if perm is not None else 0))
     return fn(images, patch_size, int(blur_kernel), float(blur_sigma), bool(norm_pix), perm)
 
 
@@ -113,5 +117,7 @@ def patch_loss(pred: Tensor, images: Tensor, patch_size: int, perm: Tensor, vali
         raise ValueError(f"valid must be a bool tensor shaped like perm {tuple(perm.shape)}; got "
                          f"{valid.dtype} {tuple(valid.shape)}")
     fn = resolve("patch_loss", backend, _LOSS, images.device,
-                 auto_order(images.device, ("triton",), ("reference",)))
+                 dtype=pred.dtype, structure=(c, patch_size, int(blur_kernel), bool(norm_pix), loss, valid is not None,
+                                              str(images.dtype).removeprefix("torch.")),
+                 shape=(b, h, w, perm.shape[1]))
     return fn(pred, images, patch_size, perm, valid, int(blur_kernel), float(blur_sigma), bool(norm_pix), loss)
