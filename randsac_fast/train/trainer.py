@@ -23,7 +23,8 @@ from .. import config as config_mod
 from .. import data as data_mod
 from .. import models, ops, orders
 from ..eval.knn import knn_accuracy, labelled_loaders
-from ..eval.probe import linear_probe_accuracy
+from ..eval.probe import digits_probe, save_json
+from ..runtime.batch import plan_batch
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
 from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops
 from ..runtime.parallel import init_distributed, parallelize
@@ -52,8 +53,8 @@ class Trainer:
     def __init__(self, cfg: config_mod.Config):
         self.cfg = cfg
         m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-        if t.batch_size < 1 or t.accum < 1:
-            raise ValueError(f"--batch-size and --accum must be >= 1; got {t.batch_size} and {t.accum}")
+        # The global batch is split by the world size torchrun announces (1 for a plain run).
+        self.plan = plan_batch(t.batch_size, int(os.environ.get("WORLD_SIZE", 1)), t.accum, t.micro_batch)
         # ---- validate everything cheap before any process group or output exists -----------
         self.source = data_mod.open_source(d.data, m.img_size, d.synthetic_size, split="train")
         torch.manual_seed(t.seed)                    # identical initial weights on every rank
@@ -77,13 +78,13 @@ class Trainer:
         self.norm = (mean, std)
         augment = data_mod.Augment(m.img_size, d.crop_scale, d.crop_ratio, d.hflip, mean, std)
         self.dataset = data_mod.AugmentedDataset(self.source, augment, t.seed)
-        self.batches = data_mod.ShardedBatches(len(self.source), t.batch_size, rank, world, t.seed)
-        self.knn_loaders = (labelled_loaders(d.knn_data or d.data, m.img_size, mean, std, t.batch_size, rank, world,
+        self.batches = data_mod.ShardedBatches(len(self.source), self.plan.per_rank, rank, world, t.seed)
+        self.knn_loaders = (labelled_loaders(d.knn_data or d.data, m.img_size, mean, std, self.plan.per_rank, rank, world,
                                              limit=t.knn_images, seed=t.seed) if t.knn_every else None)
-        steps_per_epoch = max(1, self.batches.per_epoch // t.accum)
+        steps_per_epoch = max(1, self.batches.per_epoch // self.plan.accum)
         self.total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
         self.warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
-        self.global_batch = t.batch_size * t.accum * world
+        self.global_batch = self.plan.global_batch
         self.peak_lr = scaled_lr(o.blr, self.global_batch)
 
         # ---- model: FSDP2 per block and at the root; optimizer -----------------------------
@@ -118,19 +119,19 @@ class Trainer:
 
     # ---- one optimizer step: accum micro-batches ----------------------------------------------
     def train_step(self, stream) -> tuple[torch.Tensor, torch.Tensor, int, object]:
-        t = self.cfg.train
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup, self.peak_lr, self.cfg.optim.min_lr))
         losses, skipped = [], 0
-        for a in range(t.accum):
+        accum = self.plan.accum
+        for a in range(accum):
             images, _, bad = next(stream)
             skipped += bad
             images = images.to(self.device, non_blocking=True)
             order = orders.sample(self.order_spec, images.shape[0], self.grid, generator=self.order_gen,
                                   device=self.device)
             # Reduce gradients across ranks only on the last micro-batch.
-            self.model.set_requires_gradient_sync(a == t.accum - 1)
+            self.model.set_requires_gradient_sync(a == accum - 1)
             loss = self.model(images, order)
-            (loss / t.accum).backward()
+            (loss / accum).backward()
             losses.append(loss.detach())
             self.micro += 1
         clip = self.cfg.optim.clip_grad
@@ -209,41 +210,54 @@ class Trainer:
                 "peak_lr": self.peak_lr, "config": config_mod.to_dict(self.cfg)}
         self.last_ckpt = self.ckpt.save(self.step, self.model, self.optimizer, meta, rng_state(self.order_gen))
 
-    # ---- linear probe (digits) -----------------------------------------------------------------
-    def probe(self) -> tuple[float, float] | None:
-        """Rank 0: probe the trained encoder and a random-init one of the same seed. Collective."""
+    # ---- linear probe (digits) and the ordered end of a run -------------------------------------
+    def probe(self) -> dict | None:
+        """Probe the trained encoder, a random-init one of the same seed and the raw pixels on rank 0,
+        save ``probe.json`` in the run directory, and hand the result to every rank. Collective: no
+        rank goes on (to teardown) before rank 0 has finished and saved."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.dist.is_main:
-            return None
-        if self.cfg.data.data != "digits":
+        result = None
+        if self.dist.is_main and self.cfg.data.data != "digits":
             self._say("the built-in linear probe needs --data digits; skipped")
-            return None
-        m = self.cfg.model
-        train = data_mod.eval_images(data_mod.digits("train"), m.img_size, *self.norm)
-        test = data_mod.eval_images(data_mod.digits("test"), m.img_size, *self.norm)
-        torch.manual_seed(self.cfg.train.seed)     # the very weights the run started from
-        fresh = models.build_from_config(m, self.source.channels, self.cfg.flags)
-        random_acc = linear_probe_accuracy(fresh, train, test)
-        fresh.load_state_dict(full)
-        return linear_probe_accuracy(fresh, train, test), random_acc
+        elif self.dist.is_main:
+            m = self.cfg.model
+            torch.manual_seed(self.cfg.train.seed)     # the very weights the run started from
+            fresh = models.build_from_config(m, self.source.channels, self.cfg.flags)
+            result = digits_probe(fresh, full, m.img_size, *self.norm, blocks=self.cfg.train.probe_blocks)
+            result.update(step=self.step, checkpoint=self.last_ckpt, path=os.path.join(self.cfg.train.out, "probe.json"))
+            save_json(result, result["path"])
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def finish(self) -> None:
+        """Every rank waits here for all the others (their writers were closed at the end of
+        ``train``, the probe is saved), so the process group is torn down only when no rank has work
+        left on it: a rank that left early and tore its end down while rank 0 still probed is what
+        made the end of a run abort."""
+        dist.barrier()
 
 
 def main(argv=None) -> int:
     cfg = config_mod.parse_args(argv)
+    result, is_main = None, True
     try:
         trainer = Trainer(cfg)
+        is_main = trainer.dist.is_main
         trainer.train()
         result = trainer.probe() if cfg.train.probe else None
+        trainer.finish()
     except (ValueError, FileNotFoundError, TrainingError, ops.BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if result is not None:
-        trained, random_init = result
-        print(f"linear probe accuracy: {trained:.4f} (random-init encoder: {random_init:.4f})", flush=True)
+    if result is not None and is_main:
+        print(f"linear probe accuracy: {result['pretrained']:.4f} pre-trained, {result['random_init']:.4f} "
+              f"random-init encoder, {result['raw_pixels']:.4f} raw pixels (digits test split); "
+              f"saved to {result['path']}", flush=True)
     return 0
 
 
