@@ -8,8 +8,8 @@ Every cell is an ordinary training run (``randsac_fast.train``'s trainer, one pr
 given by ``--preset``, default digits, plus any training flags) in ``DIR/cells/<spec>_seed<k>``,
 followed by two evaluations of the frozen encoder on the labelled splits of ``--data``:
 
-* ``probe``: the linear probe of :mod:`randsac_fast.eval.probe` (logistic regression on
-  avg-pooled features; ``--probe-blocks`` as the trainer's);
+* ``probe``: the linear probe of :mod:`randsac_fast.eval.probe` (logistic regression on the
+  avg-pooled final features, as the trainer's end-of-run probe);
 * ``knn``: the k-NN monitor of :mod:`randsac_fast.eval.knn` (weighted 20-NN, cosine).
 
 A finished cell (its ``result.json``) is never rerun, and an interrupted one resumes from its last
@@ -109,11 +109,11 @@ def _train_cell(cfg: config_mod.Config, eval_images: int) -> dict:
     encoder = models.build_from_config(m, trainer.source.channels, cfg.flags)
     encoder.load_state_dict(state)
     train, val = _labelled_tensors(cfg.data.data, m.img_size, *norm, eval_images, t.seed)
-    probe = linear_probe_accuracy(encoder, train, val, t.probe_blocks)
+    probe = linear_probe_accuracy(encoder, train, val)
     knn = knn_accuracy(encoder, _chunks(*train), _chunks(*val), k=t.knn_k)
     return {"spec": t.order, "seed": t.seed, "probe": probe, "knn": knn, "steps": steps,
             "train_s": round(train_s, 2), "eval_s": round(time.perf_counter() - start - train_s, 2),
-            "probe_blocks": t.probe_blocks, "knn_k": t.knn_k}
+            "knn_k": t.knn_k}
 
 
 def _spearman(a: list[float], b: list[float]) -> float | None:
@@ -268,4 +268,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .train.trainer import exit_process   # gloo threads outlive the process group: see there
+    exit_process(main())

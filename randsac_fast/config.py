@@ -92,8 +92,6 @@ class TrainConfig:
     ac: bool = doc("activation checkpointing of each transformer block", False)
     probe: bool = doc("after training, fit a linear probe on frozen avg-pooled features (digits only)",
                       False)
-    probe_blocks: str = doc("probe features: last (avg-pooled final normed block, the papers' protocol) or "
-                            "all (avg-pooled output of every block, concatenated)", "last")
     knn_every: int = doc("every K optimizer steps, log knn_top1: weighted k-NN accuracy of the encoder's "
                          "avg-pooled features on a labelled split (0: off)", 0)
     knn_k: int = doc("neighbours of the k-NN monitor", 20)

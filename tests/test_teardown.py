@@ -2,7 +2,10 @@
 
 Two gloo ranks run the trainer's whole ``main`` (a step, a checkpoint, the probe, the teardown) 20
 times in a row inside one launch: each attempt gets its own process group (a fresh file store), so
-each one goes through ``destroy_process_group`` exactly as a real run's end does.
+each one goes through ``destroy_process_group`` exactly as a real run's end does, and the launch ends
+as the command does (``exit_process``). The gloo worker threads that FSDP2 keeps alive past
+``destroy_process_group`` (see ``exit_process``) are native, not Python threads, and are left to the
+process exit.
 """
 import os
 import subprocess
@@ -15,7 +18,7 @@ ATTEMPTS = 20
 WORKER = textwrap.dedent("""
     import json, os, sys, threading
     import torch.distributed as dist
-    from randsac_fast.train.trainer import main
+    from randsac_fast.train.trainer import exit_process, main
 
     root, attempts = sys.argv[1], int(sys.argv[2])
     rank = int(os.environ["RANK"])
@@ -36,6 +39,7 @@ WORKER = textwrap.dedent("""
         assert 0.0 < result["pretrained"] <= 1 and 0.0 < result["random_init"] <= 1 and result["raw_pixels"] > 0.9
         assert os.path.exists(os.path.join(out, "checkpoints", "step_00000001", "meta.json"))
         print(f"attempt {i} ok", flush=True)
+    exit_process(0)       # as the command ends (python -m randsac_fast.train)
 """)
 
 

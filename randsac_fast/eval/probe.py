@@ -1,16 +1,9 @@
 """Quick linear probe: logistic regression on frozen, average-pooled encoder features.
 
-As in the papers' linear evaluation (RandSAC App. D, MAE): the encoder runs without masks, patch
-tokens are averaged into one vector per image, and only a linear classifier is trained on top. Here
-the classifier is scikit-learn's L2 logistic regression on standardised features, which is quick and
-deterministic for small data sets like digits.
-
-Which tokens are pooled (``blocks``):
-
-* ``last`` — the final, normed encoder output (the papers' protocol);
-* ``all`` — the average-pooled output of *every* encoder block, concatenated (the last one normed),
-  i.e. ``depth * D`` features. Small encoders spread what they learn over their depth; reading all
-  blocks is the multi-layer probe of BEiT / data2vec style evaluations.
+As in the papers' linear evaluation (RandSAC App. D, MAE): the encoder runs without masks, the patch
+tokens of its last (normed) layer are averaged into one vector per image, and only a linear
+classifier is trained on top. Here the classifier is scikit-learn's L2 logistic regression on
+standardised features, which is quick and deterministic for small data sets like digits.
 
 :func:`digits_probe` is the trainer's end-of-run check: the pre-trained encoder, the same encoder at
 its random initialisation, and the raw pixels, all through the same classifier.
@@ -24,41 +17,17 @@ import os
 import torch
 from torch import Tensor, nn
 
-__all__ = ["pooled_features", "linear_probe_accuracy", "pixel_probe_accuracy", "digits_probe", "save_json",
-           "PROBE_BLOCKS"]
-
-PROBE_BLOCKS = ("last", "all")
+__all__ = ["pooled_features", "linear_probe_accuracy", "pixel_probe_accuracy", "digits_probe", "save_json"]
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, images: Tensor, batch_size: int = 256, blocks: str = "last") -> Tensor:
-    """images [N, C, H, W] -> [N, D] (``blocks='last'``) or [N, depth * D] (``'all'``): patch-token means."""
-    if blocks not in PROBE_BLOCKS:
-        raise ValueError(f"probe blocks must be one of {PROBE_BLOCKS}; got {blocks!r}")
+def pooled_features(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """images [N, C, H, W] -> [N, D]: mean over the patch tokens of ``model.forward_features``."""
     model.eval()
     prefix = getattr(model, "num_prefix_tokens", 0)
-    feats = []
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i:i + batch_size]
-        if blocks == "last":
-            feats.append(model.forward_features(x)[:, prefix:].mean(dim=1).float())
-        else:
-            hidden = _block_outputs(model, x)
-            feats.append(torch.cat([h[:, prefix:].mean(dim=1).float() for h in hidden], dim=1))
+    feats = [model.forward_features(images[i:i + batch_size])[:, prefix:].mean(dim=1).float()
+             for i in range(0, images.shape[0], batch_size)]
     return torch.cat(feats)
-
-
-def _block_outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
-    """[B, T, D] output of every encoder block of ``model.forward_features(x)``, the last one normed
-    (what ``forward_features`` returns). Read with forward hooks, so the model's code is the one path."""
-    hidden: list[Tensor] = []
-    hooks = [blk.register_forward_hook(lambda _m, _i, out: hidden.append(out)) for blk in model.blocks]
-    try:
-        last = model.forward_features(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return hidden[:-1] + [last]
 
 
 def _fit_score(x_train, y_train, x_test, y_test) -> float:
@@ -71,11 +40,9 @@ def _fit_score(x_train, y_train, x_test, y_test) -> float:
     return float(clf.score(x_test, y_test))
 
 
-def linear_probe_accuracy(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor],
-                          blocks: str = "last") -> float:
+def linear_probe_accuracy(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]) -> float:
     """Fit on ``train`` (images, labels), return accuracy on ``test``."""
-    x_train = pooled_features(model, train[0], blocks=blocks).numpy()
-    x_test = pooled_features(model, test[0], blocks=blocks).numpy()
+    x_train, x_test = pooled_features(model, train[0]).numpy(), pooled_features(model, test[0]).numpy()
     return _fit_score(x_train, train[1].numpy(), x_test, test[1].numpy())
 
 
@@ -84,14 +51,15 @@ def pixel_probe_accuracy(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tenso
     return _fit_score(train[0].flatten(1).numpy(), train[1].numpy(), test[0].flatten(1).numpy(), test[1].numpy())
 
 
-def digits_probe(fresh: nn.Module, trained_state: dict, img_size: int, mean, std, blocks: str = "last") -> dict:
-    """Probe on digits' fixed train / test split: ``fresh`` (the random initialisation, loaded with
+def digits_probe(fresh: nn.Module, trained_state: dict, img_size: int, mean, std) -> dict:
+    """Probe on digits' fixed train / test split: ``fresh`` (the random initialisation; loaded with
     ``trained_state`` afterwards), the pre-trained encoder, and raw pixels. -> a JSON-able dict."""
-    train, test = _digits_splits(img_size, tuple(mean), tuple(std))
-    random_init = linear_probe_accuracy(fresh, train, test, blocks)
+    key = (img_size, tuple(mean), tuple(std))
+    train, test = _digits_splits(*key)
+    random_init = linear_probe_accuracy(fresh, train, test)
     fresh.load_state_dict(trained_state)
-    return {"pretrained": linear_probe_accuracy(fresh, train, test, blocks), "random_init": random_init,
-            "raw_pixels": _digits_pixel_accuracy(img_size, tuple(mean), tuple(std)), "blocks": blocks, "data": "digits",
+    return {"pretrained": linear_probe_accuracy(fresh, train, test), "random_init": random_init,
+            "raw_pixels": _digits_pixel_accuracy(*key), "data": "digits", "features": "avg-pooled final encoder tokens",
             "train_images": int(train[1].numel()), "test_images": int(test[1].numel()),
             "classifier": "standardise + L2 logistic regression (C=1)"}
 

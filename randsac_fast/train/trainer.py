@@ -224,7 +224,7 @@ class Trainer:
             m = self.cfg.model
             torch.manual_seed(self.cfg.train.seed)     # the very weights the run started from
             fresh = models.build_from_config(m, self.source.channels, self.cfg.flags)
-            result = digits_probe(fresh, full, m.img_size, *self.norm, blocks=self.cfg.train.probe_blocks)
+            result = digits_probe(fresh, full, m.img_size, *self.norm)
             result.update(step=self.step, checkpoint=self.last_ckpt, path=os.path.join(self.cfg.train.out, "probe.json"))
             save_json(result, result["path"])
         box = [result]
@@ -261,5 +261,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def exit_process(code: int) -> None:
+    """End the command: flush, then leave without the interpreter's teardown.
+
+    FSDP2's device mesh keeps the gloo process group alive after ``destroy_process_group`` (native
+    references, not Python ones), so its worker threads are still running when the interpreter
+    shuts down; tearing down C++ state under running threads is what sporadically aborted the end
+    of a run ("terminate called without an active exception", SIGABRT after the last step). By
+    now everything is written (checkpoint, metrics, probe.json) and every rank has passed the
+    final barrier, so nothing is lost by skipping the teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
