@@ -35,9 +35,9 @@ from . import orders
 __all__ = ["main", "run", "DEFAULT_SPECS", "summarise"]
 
 #: The papers' comparison, as it fits a 4x4 token grid (digits: 8x8 images, 2x2 patches): raster and
-#: random token orders, square and blob segments, a hierarchy (segments grouped into partitions) and
-#: incoherent segments (random token sets of the same size as the squares).
-DEFAULT_SPECS = ("raster", "random", "square:4", "blob:4", "square:4/2", "incoherent:4")
+#: random token orders, square and blob segments, hierarchies (tokens in random order within 2x2
+#: partitions; 8 blobs grouped into 4) and incoherent segments (random token sets of the squares' size).
+DEFAULT_SPECS = ("raster", "random", "square:4", "blob:4", "square:16/4", "blob:8/4", "incoherent:4")
 
 
 def _cell_name(spec: str, seed: int) -> str:
@@ -69,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _labelled_tensors(data: str, img_size: int, mean, std, limit: int, seed: int):
-    """((train images, labels), (val images, labels)) un-augmented, at most ``limit`` each."""
-    from .eval.knn import labelled_loaders
-    loaders = labelled_loaders(data, img_size, mean, std, 256, limit=limit, seed=seed)
+    """((train images, labels), (val images, labels)): whole un-augmented splits (as the trainer's
+    probe reads them), or a fixed random subset of ``limit`` images of a larger split."""
+    from . import data as data_mod
+    from .eval.linprobe import labelled_splits
     out = []
-    for loader in loaders:
-        batches = list(loader)
-        out.append((torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])))
+    for source in labelled_splits(data):
+        pick = (torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:limit].tolist()
+                if len(source) > limit else None)
+        out.append(data_mod.eval_images(source, img_size, mean, std, pick))
     return tuple(out)
 
 

@@ -234,8 +234,7 @@ class Trainer:
     def finish(self) -> None:
         """Every rank waits here for all the others (their writers were closed at the end of
         ``train``, the probe is saved), so the process group is torn down only when no rank has work
-        left on it: a rank that left early and tore its end down while rank 0 still probed is what
-        made the end of a run abort."""
+        left on it — no rank tears down while rank 0 still probes."""
         dist.barrier()
 
 
@@ -264,12 +263,14 @@ def main(argv=None) -> int:
 def exit_process(code: int) -> None:
     """End the command: flush, then leave without the interpreter's teardown.
 
-    FSDP2's device mesh keeps the gloo process group alive after ``destroy_process_group`` (native
-    references, not Python ones), so its worker threads are still running when the interpreter
-    shuts down; tearing down C++ state under running threads is what sporadically aborted the end
-    of a run ("terminate called without an active exception", SIGABRT after the last step). By
-    now everything is written (checkpoint, metrics, probe.json) and every rank has passed the
-    final barrier, so nothing is lost by skipping the teardown."""
+    Once a model was sharded with FSDP2, the gloo process group outlives ``destroy_process_group``
+    (held by native references of the device mesh / DTensor machinery, not by Python objects: its
+    threads ``gloo_tcp_loop`` and ``pt_gloo_runloop`` keep running even after the model is deleted
+    and garbage collected; without FSDP they stop). Tearing the interpreter and the C++ statics
+    down under those running threads is what sporadically aborted the end of a run, even with one
+    process: "terminate called without an active exception", SIGABRT after the probe line. By now
+    everything is written and flushed (checkpoint, metrics, probe.json) and every rank has passed
+    the final barrier, so skipping the teardown loses nothing."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
