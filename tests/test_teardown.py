@@ -57,4 +57,4 @@ def test_two_rank_run_ends_cleanly_twenty_times_in_a_row(tmp_path):
         assert "terminate called" not in err, err[-3000:]
         assert out.count(" ok") == ATTEMPTS, out
     # Rank 0 alone reports, once per attempt, and names the file it saved.
-    assert outs[0][0].count("saved to ") == ATTEMPTS and "saved to " not in outs[1][0]
+    assert outs[0][0].count("result file") == ATTEMPTS and "result file" not in outs[1][0]

@@ -26,9 +26,10 @@ from ..eval.knn import knn_accuracy, labelled_loaders
 from ..eval.probe import digits_probe, save_json
 from ..runtime.batch import plan_batch
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
-from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops
+from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops, require_wandb
 from ..runtime.parallel import init_distributed, parallelize
 from ..runtime.schedule import lr_at, scaled_lr, set_lr
+from ..runtime.summary import pretrain_summary, run_command
 
 
 class TrainingError(RuntimeError):
@@ -56,6 +57,9 @@ class Trainer:
         # The global batch is split by the world size torchrun announces (1 for a plain run).
         self.plan = plan_batch(t.batch_size, int(os.environ.get("WORLD_SIZE", 1)), t.accum, t.micro_batch)
         # ---- validate everything cheap before any process group or output exists -----------
+        if t.wandb:
+            require_wandb()
+        d.data = data_mod.pretraining_root(d.data)
         self.source = data_mod.open_source(d.data, m.img_size, d.synthetic_size, split="train")
         torch.manual_seed(t.seed)                    # identical initial weights on every rank
         model = models.build_from_config(m, self.source.channels, cfg.flags)
@@ -110,7 +114,9 @@ class Trainer:
                     set_rng_state(state, self.order_gen)
                 self.step, self.micro, self.last_ckpt = meta["step"], meta["micro"], path
                 self._say(f"resumed from {path} at step {self.step}")
-        self.metrics = MetricsLogger(t.out, self.dist.is_main, self.total_steps, self.step)
+        self.metrics = MetricsLogger(t.out, self.dist.is_main, self.total_steps, self.step,
+                                     config=config_mod.to_dict(cfg), metric_tags=("loss", "knn_top1"),
+                                     wandb={"project": t.wandb_project} if t.wandb else None)
         self.peak = peak_flops(self.device)
 
     def _say(self, text: str) -> None:
@@ -240,24 +246,17 @@ class Trainer:
 
 def main(argv=None) -> int:
     cfg = config_mod.parse_args(argv)
-    result, is_main = None, True
-    try:
-        trainer = Trainer(cfg)
-        is_main = trainer.dist.is_main
-        trainer.train()
-        result = trainer.probe() if cfg.train.probe else None
-        trainer.finish()
-    except (ValueError, FileNotFoundError, TrainingError, ops.BackendUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if result is not None and is_main:
-        print(f"linear probe accuracy: {result['pretrained']:.4f} pre-trained, {result['random_init']:.4f} "
-              f"random-init encoder, {result['raw_pixels']:.4f} raw pixels (digits test split); "
-              f"saved to {result['path']}", flush=True)
-    return 0
+    return run_command(lambda _: _run(cfg), errors=(ValueError, FileNotFoundError, ImportError, TrainingError,
+                                                    ops.BackendUnavailable))
+
+
+def _run(cfg: config_mod.Config) -> None:
+    trainer = Trainer(cfg)
+    trainer.train()
+    result = trainer.probe() if cfg.train.probe else None   # saved to probe.json before teardown
+    trainer.finish()                                         # every rank here before the group goes
+    if trainer.dist.is_main:
+        pretrain_summary(cfg.train.out, trainer.last_ckpt, cfg.data.data, result)
 
 
 def exit_process(code: int) -> None:
