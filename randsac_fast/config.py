@@ -86,8 +86,11 @@ class TrainConfig:
     out: str = doc("run directory: config, metrics.jsonl, checkpoints", "runs/default")
     steps: int | None = doc("optimizer steps to train (overrides epochs)")
     epochs: float = doc("epochs to train when steps is None", 1.0)
-    batch_size: int = doc("images per rank per micro-batch", 64)
-    accum: int = doc("gradient accumulation micro-batches per optimizer step", 1)
+    batch_size: int = doc("global batch: images per optimizer step over all processes (per rank: "
+                          "batch_size / (processes * accum); must divide exactly)", 256)
+    accum: int | None = doc("gradient accumulation micro-batches per optimizer step (None: the fewest "
+                            "that keep each rank's micro-batch within --micro-batch; 1 without it)")
+    micro_batch: int | None = doc("largest micro-batch per rank, for memory (None: no cap)")
     seed: int = doc("random seed (model init, data order, augmentation, segment orders)", 0)
     order: str = doc("segment-order spec, e.g. random, raster, square:16/4, blob:11/5", "square:16/4")
     resume: str | None = doc("'latest' (newest checkpoint in --out) or a checkpoint directory")
@@ -124,7 +127,9 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-# Presets: the papers' settings (source next to each) and the built-in digits demo
+# Presets: the papers' settings (source next to each) and the built-in digits demo. Batch sizes are
+# global (all processes together), as the papers state them; the per-rank batch follows from the
+# world size (randsac_fast.runtime.batch), so a preset trains the same on any number of processes.
 # --------------------------------------------------------------------------------------------
 _CIFAR = dict(img_size=32, patch_size=4, data="cifar10", crop_scale=(0.2, 1.0), blr=1e-3,
               weight_decay=0.05, betas=(0.9, 0.999), batch_size=512, warmup_epochs=10, epochs=1600,
@@ -133,10 +138,11 @@ _CIFAR = dict(img_size=32, patch_size=4, data="cifar10", crop_scale=(0.2, 1.0), 
 PRESETS: dict[str, tuple[str, dict]] = {
     "digits": (
         "built-in demo: a tiny RandSAC ViT (4 encoder blocks, 1 decoder block, width 64) on the 8x8 "
-        "digits with 2x2 patches, pre-trained on 75% of the images, then a linear probe on the rest",
+        "digits with 2x2 patches, pre-trained on 75% of the images (square:4, global batch 128, 1000 steps), then "
+        "a linear probe on the rest beside the random-init encoder and raw pixels",
         dict(model="randsac_vit_tiny", img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=2,
              decoder_depth=1, decoder_num_heads=2, norm_pix=False, order="square:4", data="digits",
-             crop_scale=(0.8, 1.0), hflip=False, batch_size=64, blr=8e-3, betas=(0.9, 0.95),
+             crop_scale=(0.8, 1.0), hflip=False, batch_size=128, blr=8e-3, betas=(0.9, 0.95),
              weight_decay=0.05, warmup_steps=20, steps=1000, log_every=50, probe=True,
              out="runs/digits")),
     "randsac_cifar10_square": (
@@ -155,17 +161,19 @@ PRESETS: dict[str, tuple[str, dict]] = {
              out="runs/randsac_lowdata_vits")),
     "randsac_in100_vits": (
         "RandSAC (Hua et al.) App. D (ImageNet100 setting): ViT-S, 224x224, P=16 (14x14 tokens), "
-        "4-layer decoder with double the encoder's heads (12)",
+        "4-layer decoder with double the encoder's heads (12); global batch 1024 (the paper gives none: "
+        "128 per process on 8)",
         dict(model="randsac_vit_small", img_size=224, patch_size=16, decoder_depth=4,
              decoder_num_heads=12, order="square:16/4", data="imagenet100", crop_scale=(0.2, 1.0),
-             blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, warmup_epochs=10,
+             blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=1024, warmup_epochs=10,
              epochs=400, norm_pix=True, out="runs/randsac_in100_vits")),
     "randsac_in1k_vitb": (
         "RandSAC (Hua et al.) App. D.2: ViT-B, 192x192 pre-training, P=16, square 16->4, "
-        "8-layer decoder (MAE-style AdamW recipe, blr 1.5e-4, betas (0.9, 0.95))",
+        "8-layer decoder (MAE-style AdamW recipe, blr 1.5e-4, betas (0.9, 0.95)); global batch 1024 (the "
+        "paper gives none: 128 per process on 8)",
         dict(model="randsac_vit_base", img_size=192, patch_size=16, decoder_depth=8,
              order="square:16/4", data="imagenet", crop_scale=(0.2, 1.0), blr=1.5e-4,
-             weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, warmup_epochs=40, epochs=800,
+             weight_decay=0.05, betas=(0.9, 0.95), batch_size=1024, warmup_epochs=40, epochs=800,
              norm_pix=True, out="runs/randsac_in1k_vitb")),
     "saim_in1k_vitb": (
         "SAIM (Qi et al.) Sec. 4 + App. C Table 6: ViT-B, 224, query_depth 12, Gaussian blur 9 / "
@@ -173,7 +181,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
         "epochs, crop scale (0.67, 1)",
         dict(model="saim_vit_base", img_size=224, patch_size=16, query_depth=12, blur_kernel=9,
              blur_sigma=1.0, norm_pix=True, order="random", data="imagenet", crop_scale=(0.67, 1.0),
-             blr=2e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, warmup_epochs=30,
+             blr=2e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=2048, warmup_epochs=30,
              epochs=800, out="runs/saim_in1k_vitb")),
 }
 
@@ -645,7 +653,7 @@ RULES: dict[str, Rule] = {
     "warmup_steps": optional(at_least(0)), "warmup_epochs": non_negative(), "clip_grad": optional(positive()),
     # train
     "out": writable_dir(), "steps": optional(at_least(1)), "epochs": positive(), "batch_size": at_least(1),
-    "accum": at_least(1), "seed": integer(), "order": text(), "resume": optional(text()),
+    "accum": optional(at_least(1)), "micro_batch": optional(at_least(1)), "seed": integer(), "order": text(), "resume": optional(text()),
     "ckpt_every": at_least(0), "keep": at_least(1), "log_every": at_least(1), "compile": boolean(),
     "ac": boolean(), "probe": boolean(), "knn_every": at_least(0), "knn_k": at_least(1),
     "knn_images": optional(at_least(1)), "device": Rule(_device, "auto, cpu or cuda"),

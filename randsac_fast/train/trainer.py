@@ -23,7 +23,8 @@ from .. import config as config_mod
 from .. import data as data_mod
 from .. import models, ops, orders
 from ..eval.knn import knn_accuracy, labelled_loaders
-from ..eval.probe import linear_probe_accuracy
+from ..eval.probe import digits_probe, save_json
+from ..runtime.batch import plan_batch
 from ..runtime.checkpoint import Checkpointer, NonFiniteState, read_meta, rng_state, set_rng_state
 from ..runtime.lock import lock_run_dir, release_all
 from ..runtime.preempt import EXIT_PREEMPTED, Preempted, Preemption
@@ -58,6 +59,8 @@ class Trainer:
         m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
         # ---- validate everything cheap before any process group or output exists -----------
         config_mod.validate(cfg)
+        # The global batch is split by the world size torchrun announces (1 for a plain run).
+        self.plan = plan_batch(t.batch_size, int(os.environ.get("WORLD_SIZE", 1)), t.accum, t.micro_batch)
         if t.wandb:
             require_wandb()
         d.data = data_mod.pretraining_root(d.data)
@@ -82,13 +85,13 @@ class Trainer:
         self.norm = (mean, std)
         augment = data_mod.Augment(m.img_size, d.crop_scale, d.crop_ratio, d.hflip, mean, std)
         self.dataset = data_mod.AugmentedDataset(self.source, augment, t.seed)
-        self.batches = data_mod.ShardedBatches(len(self.source), t.batch_size, rank, world, t.seed)
-        self.knn_loaders = (labelled_loaders(d.knn_data or d.data, m.img_size, mean, std, t.batch_size, rank, world,
+        self.batches = data_mod.ShardedBatches(len(self.source), self.plan.per_rank, rank, world, t.seed)
+        self.knn_loaders = (labelled_loaders(d.knn_data or d.data, m.img_size, mean, std, self.plan.per_rank, rank, world,
                                              limit=t.knn_images, seed=t.seed) if t.knn_every else None)
-        steps_per_epoch = max(1, self.batches.per_epoch // t.accum)
+        steps_per_epoch = max(1, self.batches.per_epoch // self.plan.accum)
         self.total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
         self.warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
-        self.global_batch = t.batch_size * t.accum * world
+        self.global_batch = self.plan.global_batch
         self.peak_lr = scaled_lr(o.blr, self.global_batch)
 
         # ---- model: FSDP2 per block and at the root; optimizer -----------------------------
@@ -141,19 +144,19 @@ class Trainer:
 
     # ---- one optimizer step: accum micro-batches ----------------------------------------------
     def train_step(self, stream) -> tuple[torch.Tensor, torch.Tensor, int, object]:
-        t = self.cfg.train
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup, self.peak_lr, self.cfg.optim.min_lr))
         losses, skipped = [], 0
-        for a in range(t.accum):
+        accum = self.plan.accum
+        for a in range(accum):
             images, _, bad = next(stream)
             skipped += bad
             images = images.to(self.device, non_blocking=True)
             order = orders.sample(self.order_spec, images.shape[0], self.grid, generator=self.order_gen,
                                   device=self.device)
             # Reduce gradients across ranks only on the last micro-batch.
-            self.model.set_requires_gradient_sync(a == t.accum - 1)
+            self.model.set_requires_gradient_sync(a == accum - 1)
             loss = self.model(images, order)
-            (loss / t.accum).backward()
+            (loss / accum).backward()
             losses.append(loss.detach())
             self.micro += 1
         clip = self.cfg.optim.clip_grad
@@ -244,24 +247,32 @@ class Trainer:
                      else "no checkpoint was written yet")
             raise TrainingError(f"{e} ({where}); try a lower --blr or --clip-grad") from None
 
-    # ---- linear probe (digits) -----------------------------------------------------------------
-    def probe(self) -> tuple[float, float] | None:
-        """Rank 0: probe the trained encoder and a random-init one of the same seed. Collective."""
+    # ---- linear probe (digits) and the ordered end of a run -------------------------------------
+    def probe(self) -> dict | None:
+        """Probe the trained encoder, a random-init one of the same seed and the raw pixels on rank 0,
+        save ``probe.json`` in the run directory, and hand the result to every rank. Collective: no
+        rank goes on (to teardown) before rank 0 has finished and saved."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.dist.is_main:
-            return None
-        if self.cfg.data.data != "digits":
+        result = None
+        if self.dist.is_main and self.cfg.data.data != "digits":
             self._say("the built-in linear probe needs --data digits; skipped")
-            return None
-        m = self.cfg.model
-        train = data_mod.eval_images(data_mod.digits("train"), m.img_size, *self.norm)
-        test = data_mod.eval_images(data_mod.digits("test"), m.img_size, *self.norm)
-        torch.manual_seed(self.cfg.train.seed)     # the very weights the run started from
-        fresh = models.build_from_config(m, self.source.channels, self.cfg.flags)
-        random_acc = linear_probe_accuracy(fresh, train, test)
-        fresh.load_state_dict(full)
-        return linear_probe_accuracy(fresh, train, test), random_acc
+        elif self.dist.is_main:
+            m = self.cfg.model
+            torch.manual_seed(self.cfg.train.seed)     # the very weights the run started from
+            fresh = models.build_from_config(m, self.source.channels, self.cfg.flags)
+            result = digits_probe(fresh, full, m.img_size, *self.norm)
+            result.update(step=self.step, checkpoint=self.last_ckpt, path=os.path.join(self.cfg.train.out, "probe.json"))
+            save_json(result, result["path"])
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def finish(self) -> None:
+        """Every rank waits here for all the others (their writers were closed at the end of
+        ``train``, the probe is saved), so the process group is torn down only when no rank has work
+        left on it — no rank tears down while rank 0 still probes."""
+        dist.barrier()
 
 
 def main(argv=None) -> int:
@@ -285,11 +296,28 @@ def _run(cfg: config_mod.Config) -> int:
             print(str(e), file=sys.stderr, flush=True)
         dist.barrier()          # torchrun stops the other workers as soon as the first one exits
         return EXIT_PREEMPTED
-    result = trainer.probe() if cfg.train.probe else None
+    result = trainer.probe() if cfg.train.probe else None   # saved to probe.json before teardown
+    trainer.finish()                                         # every rank here before the group goes
     if trainer.dist.is_main:
         pretrain_summary(cfg.train.out, trainer.last_ckpt, cfg.data.data, result)
     return 0
 
 
+def exit_process(code: int) -> None:
+    """End the command: flush, then leave without the interpreter's teardown.
+
+    Once a model was sharded with FSDP2, the gloo process group outlives ``destroy_process_group``
+    (held by native references of the device mesh / DTensor machinery, not by Python objects: its
+    threads ``gloo_tcp_loop`` and ``pt_gloo_runloop`` keep running even after the model is deleted
+    and garbage collected; without FSDP they stop). Tearing the interpreter and the C++ statics
+    down under those running threads is what sporadically aborted the end of a run, even with one
+    process: "terminate called without an active exception", SIGABRT after the probe line. By now
+    everything is written and flushed (checkpoint, metrics, probe.json) and every rank has passed
+    the final barrier, so skipping the teardown loses nothing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
