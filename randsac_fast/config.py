@@ -46,8 +46,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: str = doc("digits (built in), synthetic, or a directory: ImageFolder tree or CIFAR-10/100 "
-                    "python pickles", "digits")
+    data: str = doc("digits (built in), synthetic, a directory (ImageFolder tree or CIFAR-10/100 python "
+                    "pickles), or WebDataset tar shards: 'shards/train-{000000..001023}.tar'", "digits")
     crop_scale: tuple[float, float] = doc("RandomResizedCrop area scale range",
                                           default_factory=lambda: (0.2, 1.0))
     crop_ratio: tuple[float, float] = doc("RandomResizedCrop aspect-ratio range",
@@ -55,7 +55,8 @@ class DataConfig:
     hflip: bool = doc("random horizontal flip with probability 0.5", True)
     mean: tuple[float, ...] | None = doc("normalisation mean per channel (None: the data set's own)")
     std: tuple[float, ...] | None = doc("normalisation std per channel (None: the data set's own)")
-    workers: int = doc("dataloader worker processes per rank", 0)
+    workers: str = doc("dataloader worker processes per rank: a number, or auto = this node's cores / local "
+                       "ranks - 1 (one core per rank stays with the training process), at most 16", "auto")
     synthetic_size: int = doc("number of images of the synthetic source", 4096)
     knn_data: str | None = doc("labelled data of the k-NN monitor: digits, a directory with train/ and val/, "
                                "or CIFAR pickles (None: --data)")

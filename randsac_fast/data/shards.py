@@ -14,7 +14,8 @@ and cuts the result into micro-batches of ``batch_size`` records; the DataLoader
 from workers 0, 1, ..., W-1 in turn. Each sample's crop is seeded by (seed, e, its index in the
 shard list's record numbering), as for a folder.
 
-Resume: micro-batch k came from worker k mod W, so the checkpoint's micro-batch count fixes how many
+Resume: micro-batch k came from worker k mod W (a resumed loader's worker i plays worker
+(start + i) mod W), so the checkpoint's micro-batch count fixes how many
 records each worker had delivered; a worker skips whole epochs by the shard sizes and replays the
 current epoch's records (reading, not decoding) through the seeded buffer up to its position. The
 resumed stream is bitwise the uninterrupted one when the shard list, --batch-size, the number of
@@ -97,6 +98,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader asks its workers 0, 1, ... in turn from the first batch it hands out, which is
+        # micro-batch `start`: loader worker i plays the stream's worker (start + i) mod W.
+        worker = (self.start + worker) % workers
         epoch, skip = self._position(self._delivered(self.start, worker, workers), worker, workers)
         while True:
             seen = 0

@@ -83,6 +83,8 @@ class MetricsLogger:
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
         line = (f"[{bar}] step {step}/{self.total} loss {record['loss']:.4f} "
                 f"lr {record['lr']:.2e} {record['img_per_s']:.0f} img/s ETA {_format_eta(eta)}")
+        if "data_wait_frac" in record:
+            line += f" data-wait {record['data_wait_frac']:.0%}"
         if "mfu" in record:
             line += f" mfu {record['mfu']:.1%} mem {record['max_mem_gib']:.1f} GiB"
         # Overwrite one line on a terminal; one line per log otherwise (files, CI logs).
