@@ -155,17 +155,17 @@ class BatchStream:
 def batch_stream(dataset: AugmentedDataset, batches: ShardedBatches, start: int, workers, pin_memory: bool,
                  device=None, norm=None) -> BatchStream:
     """The run's stream from micro-batch ``start``; ``workers``: a number or ``auto``."""
-    workers = resolve_workers(workers)
-    state = None
+    workers, state = resolve_workers(workers), None
     if getattr(dataset.source, "sequential", False):          # tar shards: an iterable dataset
         from .shards import ShardDataset
-        shard_set = ShardDataset(dataset.source, dataset.augment, dataset.seed, batches, start, workers)
-        workers, state = shard_set.workers, shard_set.state
-        loader = torch.utils.data.DataLoader(
-            shard_set, batch_size=batches.batch_size, num_workers=workers, collate_fn=collate,
-            pin_memory=pin_memory, persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else None)
+        items = ShardDataset(dataset.source, dataset.augment, dataset.seed, batches, start, workers)
+        workers, state, batching = items.workers, items.state, {"batch_size": batches.batch_size}
     else:
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=_RunBatches(batches, start), num_workers=workers, collate_fn=collate,
-            pin_memory=pin_memory, persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else None)
+        items, batching = dataset, {"batch_sampler": _RunBatches(batches, start)}
+    # Its own generator: creating the loader's iterator must not draw from the global RNG, which the
+    # caller's checkpoint restores (a resumed run creates its iterator at another step).
+    loader = torch.utils.data.DataLoader(
+        items, **batching, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+        persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else None,
+        generator=torch.Generator().manual_seed(batches.seed))
     return BatchStream(loader, device, norm, state)
