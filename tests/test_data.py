@@ -225,3 +225,26 @@ def test_shard_errors_are_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "webdataset", None)
     with pytest.raises(data.DataError, match=r"tar shards need the webdataset library: pip install webdataset"):
         data.open_source(str(tmp_path / "s" / "train-{000000..000000}.tar"), 16)
+
+
+# ---- the trainer reports input-bound steps ------------------------------------------------------
+def test_trainer_logs_data_wait_and_warns_once(tmp_path, monkeypatch, capsys):
+    import time
+    from randsac_fast.train import main
+    real = data.AugmentedDataset.__getitem__
+
+    def slow(self, key):             # a loader far slower than the tiny model's step
+        time.sleep(0.01)
+        return real(self, key)
+    monkeypatch.setattr(data.AugmentedDataset, "__getitem__", slow)
+    out = tmp_path / "run"
+    assert main(["--img-size", "8", "--patch-size", "2", "--embed-dim", "16", "--depth", "1", "--num-heads", "1",
+                 "--decoder-depth", "1", "--decoder-num-heads", "1", "--order", "square:4", "--batch-size", "16",
+                 "--probe", "false", "--steps", "4", "--log-every", "1", "--workers", "0", "--out", str(out)]) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 4
+    for r in recs:
+        assert r["data_wait_s"] >= 16 * 0.01 and 0.0 < r["data_wait_frac"] <= 1.0
+    err = capsys.readouterr().err
+    assert err.count("of the step time went to waiting for data with --workers 0") == 1
+    assert "data-wait" in err

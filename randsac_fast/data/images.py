@@ -13,6 +13,7 @@ PIL loader sees. Non-JPEG files (PNG, WebP, ...) go through Pillow at full size.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -38,11 +39,16 @@ def jpeg_decoder() -> str:
     """``simplejpeg`` when importable (and not overridden by RANDSAC_FAST_JPEG=pillow), else ``pillow``."""
     if os.environ.get("RANDSAC_FAST_JPEG", "").lower() == "pillow":
         return "pillow"
+    return "simplejpeg" if _have_simplejpeg() else "pillow"
+
+
+@functools.lru_cache(maxsize=1)
+def _have_simplejpeg() -> bool:
     try:
         import simplejpeg  # noqa: F401
-        return "simplejpeg"
+        return True
     except ImportError:
-        return "pillow"
+        return False
 
 
 def _pil():
