@@ -20,7 +20,9 @@
 * :func:`from_saim_official` builds our SAIM model from a state dict of the official release
   (github qiy20/SAIM ``models_saim.py``: separate q/k/v linears, ``blocks.*``, ``query_blocks.*``,
   ``norm``, ``prediction_head``, ``cls_token``, ``pos_embed`` with a cls row).
-* :func:`interpolate_pos_embed` resamples a position-embedding table to another grid.
+* :func:`interpolate_pos_embed` resamples a position-embedding table to another grid (hand-written
+  on purpose: timm's ``resample_abs_pos_embed`` does the same bicubic ``F.interpolate``, but timm is
+  an optional extra that brings a CUDA build of torch).
 
 CLI: ``python -m randsac_fast.interop export --ckpt PATH [--model NAME] --out FILE [--safetensors]``.
 """
@@ -41,6 +43,7 @@ from torch import Tensor, nn
 
 from . import models
 from .models import SAIM, RandSAC, SAIMConfig
+from .runtime.summary import print_summary, run_command
 
 __all__ = ["to_timm", "timm_kwargs", "from_saim_official", "saim_official_config", "interpolate_pos_embed",
            "load_model", "save_state_dict", "main"]
@@ -504,9 +507,10 @@ def load_model(path: str, name: str | None = None, *, backend: str = "auto", **o
 # CLI
 # --------------------------------------------------------------------------------------------
 def parse_sets(items) -> dict:
-    """['depth=4', 'img_size=32', 'loss=mse'] -> {'depth': 4, 'img_size': 32, 'loss': 'mse'}."""
+    """['depth=4', 'img_size=32,loss=mse'] -> {'depth': 4, 'img_size': 32, 'loss': 'mse'}: repeated
+    ``--set`` flags or one comma-separated list (the list syntax of every command)."""
     out = {}
-    for item in items or []:
+    for item in [part for group in items or [] for part in re.split(r",(?=\s*\w+=)", group)]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects KEY=VALUE (e.g. --set num_heads=3); got {item!r}")
@@ -522,7 +526,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="trainer checkpoint directory (step_XXXXXXXX) or a state-dict file")
     p.add_argument("--model", default=None, help="model name for a state-dict file, e.g. randsac_vit_tiny")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="model config override (repeatable), e.g. --set num_heads=3 --set img_size=32")
+                   help="model config overrides, comma-separated (or repeated), e.g. --set num_heads=3,img_size=32")
     p.add_argument("--backend", default="auto", help="attention backend (default auto)")
 
 
@@ -533,23 +537,24 @@ def main(argv=None) -> int:
     ex = sub.add_parser("export", help="write the encoder as a timm VisionTransformer state dict")
     add_checkpoint_args(ex)
     ex.add_argument("--out", required=True, help="output file (.pt, or .safetensors with --safetensors)")
-    ex.add_argument("--safetensors", action="store_true", help="write safetensors (needs the safetensors package)")
-    ex.add_argument("--fc-norm", action="store_true",
+    ex.add_argument("--safetensors", action=argparse.BooleanOptionalAction, default=False,
+                    help="write safetensors (needs the safetensors package)")
+    ex.add_argument("--fc-norm", action=argparse.BooleanOptionalAction, default=False,
                     help="store the final norm as timm's fc_norm (normalises the pooled vector; a fine-tuning "
                          "start, not the same features)")
     args = p.parse_args(argv)
-    try:
+
+    def export(_):
         model, _ = load_model(args.ckpt, args.model, backend=args.backend, **parse_sets(args.set))
         sd = to_timm(model, fc_norm=args.fc_norm)
         kwargs = timm_kwargs(model, fc_norm=args.fc_norm)
         save_state_dict(sd, args.out, safetensors=args.safetensors, metadata={"timm_kwargs": json.dumps(kwargs)})
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    print(f"wrote {len(sd)} tensors to {args.out}. Load with:\n"
-          f"  model = timm.create_model('vit_base_patch16_224', pretrained=False, **{kwargs!r})\n"
-          f"  model.load_state_dict(state_dict)")
-    return 0
+        load = "safetensors.torch.load_file" if args.safetensors else "torch.load"
+        print_summary("timm export done", {"checkpoint": args.ckpt, "timm state dict": args.out,
+                                           "tensors": len(sd), "timm kwargs": repr(kwargs)},
+                      {"load in timm": f"model = timm.create_model('vit_base_patch16_224', pretrained=False, "
+                                       f"**kwargs); model.load_state_dict({load}({args.out!r}))"})
+    return run_command(export, errors=(ValueError, TypeError, FileNotFoundError, ImportError))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ from .loader import (AugmentedDataset, BatchStream, ShardedBatches, auto_workers
                      resolve_workers)
 from .shards import ShardDataset, make_shards
 from .sources import (CIFAR_MEAN, CIFAR_STD, IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource,
-                      ShardSource, SyntheticSource, TensorSource, cifar, digits, is_shard_spec, open_source)
+                      ShardSource, SyntheticSource, TensorSource, cifar, digits, is_shard_spec, open_source,
+                      pretraining_root)
 from .transforms import Augment, augment_sample, crop_box, eval_images, normalize, resize, sample_seed
 
-__all__ = ["open_source", "Augment", "ShardedBatches", "batch_stream", "eval_images", "DataError",
+__all__ = ["open_source", "pretraining_root", "Augment", "ShardedBatches", "batch_stream", "eval_images", "DataError",
            "UnreadableImage", "EncodedImage", "ShardSource", "make_shards", "resolve_workers", "BatchStream"]

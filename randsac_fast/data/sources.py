@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import pickle
+import sys
 import tarfile
 import warnings
 
@@ -22,7 +23,7 @@ from torch import Tensor
 from .images import DataError, EncodedImage, UnreadableImage
 
 __all__ = ["TensorSource", "SyntheticSource", "ImageFolderSource", "digits", "cifar", "open_source",
-           "is_shard_spec", "ShardSource", "IMAGE_KEYS", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "IMAGE_EXTS"]
+           "is_shard_spec", "pretraining_root", "ShardSource", "IMAGE_KEYS", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "IMAGE_EXTS"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -141,6 +142,19 @@ class ImageFolderSource:
 
     def label(self, i: int) -> int:
         return self.files[i][1]
+
+
+def pretraining_root(data: str) -> str:
+    """``--data`` of pre-training: an evaluation root (``train/`` and ``val/`` side by side) means
+    its ``train/`` -- taken as an ImageFolder it would be two classes of images, train and val.
+    Says so (rank 0) when it redirects."""
+    if os.path.isdir(os.path.join(data, "train")) and os.path.isdir(os.path.join(data, "val")):
+        train = os.path.join(data, "train")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"--data {data} holds train/ and val/ (an evaluation root): pre-training on {train}; "
+                  f"val/ is left for evaluation (pass --data {train} to say it directly)", file=sys.stderr, flush=True)
+        return train
+    return data
 
 
 def open_source(data: str, img_size: int, synthetic_size: int = 4096, split: str = "train"):
