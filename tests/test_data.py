@@ -234,7 +234,7 @@ def test_trainer_logs_data_wait_and_warns_once(tmp_path, monkeypatch, capsys):
     real = data.AugmentedDataset.__getitem__
 
     def slow(self, key):             # a loader far slower than the tiny model's step
-        time.sleep(0.01)
+        time.sleep(0.02)
         return real(self, key)
     monkeypatch.setattr(data.AugmentedDataset, "__getitem__", slow)
     out = tmp_path / "run"
@@ -244,7 +244,10 @@ def test_trainer_logs_data_wait_and_warns_once(tmp_path, monkeypatch, capsys):
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 4
     for r in recs:
-        assert r["data_wait_s"] >= 16 * 0.01 and 0.0 < r["data_wait_frac"] <= 1.0
+        assert r["data_wait_s"] >= 16 * 0.02 and 0.0 < r["data_wait_frac"] <= 1.0
     err = capsys.readouterr().err
-    assert err.count("of the step time went to waiting for data with --workers 0") == 1
+    # Once, and only when a record after the first (the workers' start-up) is over 10%: on an idle
+    # machine the tiny model's step is far shorter than the 0.3 s wait, so it does warn there.
+    input_bound = any(r["data_wait_frac"] > 0.1 for r in recs[1:])
+    assert err.count("of the step time went to waiting for data with --workers 0") == int(input_bound)
     assert "data-wait" in err
