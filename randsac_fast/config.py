@@ -55,8 +55,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: str = doc("digits (built in), synthetic, or a directory: ImageFolder tree or CIFAR-10/100 "
-                    "python pickles", "digits")
+    data: str = doc("digits (built in), synthetic, a directory (ImageFolder tree or CIFAR-10/100 python "
+                    "pickles), or WebDataset tar shards: 'shards/train-{000000..001023}.tar'", "digits")
     crop_scale: tuple[float, float] = doc("RandomResizedCrop area scale range",
                                           default_factory=lambda: (0.2, 1.0))
     crop_ratio: tuple[float, float] = doc("RandomResizedCrop aspect-ratio range",
@@ -64,7 +64,8 @@ class DataConfig:
     hflip: bool = doc("random horizontal flip with probability 0.5", True)
     mean: tuple[float, ...] | None = doc("normalisation mean per channel (None: the data set's own)")
     std: tuple[float, ...] | None = doc("normalisation std per channel (None: the data set's own)")
-    workers: int = doc("dataloader worker processes per rank", 0)
+    workers: str = doc("dataloader worker processes per rank: a number, or auto = this node's cores / local "
+                       "ranks - 1 (one core per rank stays with the training process), at most 16", "auto")
     synthetic_size: int = doc("number of images of the synthetic source", 4096)
     knn_data: str | None = doc("labelled data of the k-NN monitor: digits, a directory with train/ and val/, "
                                "or CIFAR pickles (None: --data)")
@@ -378,6 +379,8 @@ def _file_value(value, hint, where: str):
     base = next((a for a in args if a is not type(None)), hint) if type(None) in args else hint
 
     def scalar(v, kind):
+        if kind is str and isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)          # e.g. workers = 4 for a field that also takes "auto"
         ok = (isinstance(v, bool) if kind is bool else
               isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else
               isinstance(v, int) and not isinstance(v, bool) if kind is int else isinstance(v, kind))
@@ -647,7 +650,8 @@ RULES: dict[str, Rule] = {
     # data
     "data": text(), "crop_scale": interval(0.0, 1.0), "crop_ratio": interval(0.0, math.inf), "hflip": boolean(),
     "mean": optional(each(Rule(_is_real, "a finite number"))), "std": optional(each(positive())),
-    "workers": at_least(0), "synthetic_size": at_least(1), "knn_data": optional(text()),
+    "workers": Rule(lambda x: str(x).strip().lower() == "auto" or str(x).strip().isdigit(),
+                    "auto or a whole number >= 0"), "synthetic_size": at_least(1), "knn_data": optional(text()),
     # optim
     "blr": positive(), "min_lr": non_negative(), "weight_decay": non_negative(), "betas": each(fraction(), 2),
     "warmup_steps": optional(at_least(0)), "warmup_epochs": non_negative(), "clip_grad": optional(positive()),

@@ -176,13 +176,13 @@ def test_sixteen_bit_png_is_scaled_by_its_depth(tmp_path):
     Image.fromarray(arr).save(tmp_path / "a" / "grey16.png")
     with Image.open(tmp_path / "a" / "grey16.png") as im:
         assert im.mode.startswith("I")            # what Pillow opens a 16-bit PNG as
-    img = data.ImageFolderSource(str(tmp_path)).load(0)
-    assert img.shape == (3, 6, 5)
-    assert torch.allclose(img[:, 1:, 1:], torch.tensor(32768 / 65535)), "16-bit grey read as near-white"
-    assert img[0, 0, 0] == 1.0
+    img = data.ImageFolderSource(str(tmp_path)).load(0).full()     # decoded in uint8
+    assert img.shape == (3, 6, 5) and img.dtype == torch.uint8
+    assert (img[:, 1:, 1:] == 128).all(), "16-bit grey read as near-white"   # 32768 / 65535 * 255 = 127.5
+    assert img[0, 0, 0] == 255
     eight = np.full((6, 5), 128, dtype=np.uint8)   # 8-bit images unchanged
     Image.fromarray(eight).save(tmp_path / "a" / "grey8.png")
-    assert torch.allclose(data.ImageFolderSource(str(tmp_path)).load(1), torch.tensor(128 / 255))
+    assert (data.ImageFolderSource(str(tmp_path)).load(1).full() == 128).all()
 
 
 def test_float_image_is_refused_clearly(tmp_path):

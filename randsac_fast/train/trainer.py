@@ -83,7 +83,9 @@ class Trainer:
         # ---- data: per-rank shards, MAE augmentation ---------------------------------------
         mean, std = d.mean or self.source.mean, d.std or self.source.std
         self.norm = (mean, std)
-        augment = data_mod.Augment(m.img_size, d.crop_scale, d.crop_ratio, d.hflip, mean, std)
+        # Crops stay uint8 (files) or float (in-memory sets) and are normalised on the device.
+        augment = data_mod.Augment(m.img_size, d.crop_scale, d.crop_ratio, d.hflip, mean, std, normalize=False)
+        self.workers = data_mod.resolve_workers(d.workers)
         self.dataset = data_mod.AugmentedDataset(self.source, augment, t.seed)
         self.batches = data_mod.ShardedBatches(len(self.source), self.plan.per_rank, rank, world, t.seed)
         self.knn_loaders = (labelled_loaders(d.knn_data or d.data, m.img_size, mean, std, self.plan.per_rank, rank, world,
@@ -177,11 +179,17 @@ class Trainer:
         self.metrics.close()
 
     def _loop(self) -> None:
+        with data_mod.batch_stream(self.dataset, self.batches, self.micro, self.workers,
+                                   pin_memory=self.device.type == "cuda", device=self.device,
+                                   norm=self.norm) as self.stream:
+            self._say(f"data: {self.source.name}, {self.workers} loader workers per rank (--workers)")
+            self._steps(self.stream)
+
+    def _steps(self, stream) -> None:
         t = self.cfg.train
-        stream = data_mod.batch_stream(self.dataset, self.batches, self.micro, self.cfg.data.workers,
-                                       pin_memory=self.device.type == "cuda")
         pending: list[tuple[int, torch.Tensor]] = []   # (step, loss) not yet checked / logged
         skipped, tick, tick_step = 0, time.perf_counter(), self.step
+        logs, warned_input_bound = 0, False
         while self.step < self.total_steps:
             loss, grad_norm, bad, order = self.train_step(stream)
             if self.step == 1:
@@ -200,6 +208,17 @@ class Trainer:
                 record = self._record(losses, _local(grad_norm), skipped, images / elapsed, order)
                 if knn is not None:
                     record["knn_top1"] = knn
+                # Time the slowest rank spent blocked on its loader (the others then wait in collectives).
+                wait = torch.tensor([stream.take_wait()], dtype=torch.float64)
+                dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+                record.update(data_wait_s=float(wait) / (self.step - tick_step), data_wait_frac=float(wait) / elapsed)
+                logs += 1                         # the first interval includes the workers' start-up
+                if record["data_wait_frac"] > 0.1 and logs > 1 and not warned_input_bound:
+                    warned_input_bound = True
+                    self.metrics.message(
+                        f"warning: {record['data_wait_frac']:.0%} of the step time went to waiting for data "
+                        f"with --workers {self.workers}; raise --workers (auto uses this node's cores / ranks), "
+                        "or read tar shards (--data 'shards/train-{000000..000099}.tar')")
                 self.metrics.log(record)
                 pending, tick, tick_step = [], time.perf_counter(), self.step
             if save:
@@ -237,7 +256,8 @@ class Trainer:
     def save(self, grad_norm=None) -> None:
         """Collective. Refuses a non-finite state (checked here, on every rank: parameters, optimizer
         state and the last gradient norm) with TrainingError naming the last good checkpoint."""
-        meta = {"micro": self.micro, "total_steps": self.total_steps, "warmup_steps": self.warmup,
+        meta = {"micro": self.micro, "data": self.stream.state(self.micro),
+                "total_steps": self.total_steps, "warmup_steps": self.warmup,
                 "peak_lr": self.peak_lr, "config": config_mod.to_dict(self.cfg)}
         try:
             self.last_ckpt = self.ckpt.save(self.step, self.model, self.optimizer, meta, rng_state(self.order_gen),
