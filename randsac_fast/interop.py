@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -478,11 +480,13 @@ def load_model(path: str, name: str | None = None, *, backend: str = "auto", **o
         if not os.path.exists(os.path.join(path, "meta.json")):
             raise FileNotFoundError(f"{path} is a directory but not a complete checkpoint (no meta.json); pass a "
                                     "step_XXXXXXXX directory or a state-dict file")
-        model, meta = _load_dcp(path, name, backend, overrides)
-        return model.eval(), meta
+        with _unreadable(path):
+            model, meta = _load_dcp(path, name, backend, overrides)
+        return _check_finite(model, path).eval(), meta
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    with _unreadable(path):
+        sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
     family = _family(sd)
     if family == "saim_official":
         if name is not None and not name.startswith("saim"):
@@ -500,7 +504,29 @@ def load_model(path: str, name: str | None = None, *, backend: str = "auto", **o
     build = {**_infer_overrides(sd, family), **overrides}
     model = models.build(name, backend=backend, **build)
     _load_strict(model, sd, path)
-    return model.eval(), {}
+    return _check_finite(model, path).eval(), {}
+
+
+@contextlib.contextmanager
+def _unreadable(path: str):
+    """Turn a reader's failure on a damaged file (truncated, not a checkpoint, flipped bytes) into
+    one ValueError line; our own ValueErrors (wrong model, missing keys) pass unchanged."""
+    try:
+        yield
+    except ValueError:
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, AttributeError, OSError) as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is damaged or not "
+                         "a checkpoint — pass an intact step_XXXXXXXX directory or state-dict file") from None
+
+
+def _check_finite(model: nn.Module, path: str) -> nn.Module:
+    """Refuse weights holding NaN / Inf (a diverged run): every result computed from them is noise."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"checkpoint {path} holds non-finite weights (NaN / Inf in {_listing(bad, 3)}); it comes "
+                         "from a diverged run — pass an earlier checkpoint of that run")
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,8 +557,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m randsac_fast.interop",
-                                description="Export a RandSAC / SAIM encoder as a timm ViT state dict.")
+    from . import config as config_mod
+    p = config_mod.Parser(prog="python -m randsac_fast.interop",
+                          description="Export a RandSAC / SAIM encoder as a timm ViT state dict.")
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write the encoder as a timm VisionTransformer state dict")
     add_checkpoint_args(ex)
@@ -545,6 +572,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     def export(_):
+        config_mod.check_args(args, {"out": config_mod.writable_file()})
         model, _ = load_model(args.ckpt, args.model, backend=args.backend, **parse_sets(args.set))
         sd = to_timm(model, fc_norm=args.fc_norm)
         kwargs = timm_kwargs(model, fc_norm=args.fc_norm)
@@ -554,7 +582,7 @@ def main(argv=None) -> int:
                                            "tensors": len(sd), "timm kwargs": repr(kwargs)},
                       {"load in timm": f"model = timm.create_model('vit_base_patch16_224', pretrained=False, "
                                        f"**kwargs); model.load_state_dict({load}({args.out!r}))"})
-    return run_command(export, errors=(ValueError, TypeError, FileNotFoundError, ImportError))
+    return run_command(export, errors=(ValueError, TypeError, OSError, ImportError))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Contract (shared by every backend):
 * seg_q: [B, Nq], seg_k: [B, Nk], int32, each row non-decreasing. Key j is visible to query i
   iff ``seg_k[j] <= seg_q[i]`` (``inclusive=True``) or ``seg_k[j] < seg_q[i]`` (strict). Because
   the rows are sorted, the visible keys of a query are a prefix of the key sequence.
-* Padding: keys whose seg id is larger than every real query's (a sentinel) are invisible.
+* Padding: keys whose seg id is larger than every real query's (a sentinel) are invisible, and a
+  key no query sees may hold anything (NaN / Inf): it changes no output and gets zero gradient.
+  With the data checks on (``ops.set_checks``), non-finite q, or k / v at a seen key, is refused.
 * A query that sees no key (strict mask, first segment) gets output 0 and zero gradient.
 * Returns [B, H, Nq, D] in q's dtype.
 """
@@ -19,7 +21,8 @@ from torch import Tensor
 
 from .. import reference
 from ..orders import SENTINEL
-from ._dispatch import auto_order, checks_enabled, lazy, resolve
+from . import _validate, cases
+from ._dispatch import auto_order, checks_enabled, lazy, register, resolve
 from .attention_bounds import SegmentBounds, segment_bounds
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -35,6 +38,7 @@ def _sdpa(q, k, v, seg_q, seg_k, inclusive, scale):
     # Rows that see nothing: unmask them so SDPA stays finite, then zero their output. Their
     # output gradient is then zero, so they add nothing to dq, dk or dv.
     seen = mask.any(dim=-1, keepdim=True)                              # [B, 1, Nq, 1]
+    k, v = reference.hide_unseen_keys(k, v, seg_q, seg_k, inclusive)  # padding may hold NaN / Inf
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~seen, scale=scale)
     return torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
@@ -48,6 +52,8 @@ _TABLE = {
     "triton": lazy("ops.attention_triton", "segment_attention_triton"),
     "cuda": lazy("ops.attention_cuda", "segment_attention_cuda"),
 }
+register("segment_attention", _TABLE, fast=("triton", "cuda"), fallback=("sdpa",), check=cases.attention_check, timing=cases.attention_timing,
+         trusted=("reference", "sdpa"))
 
 
 def check_seg(seg: Tensor, name: str, batch: int, length: int, device, check_sorted: bool | None) -> None:
@@ -87,8 +93,6 @@ def validate(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Tensor, scal
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     check_seg(seg_q, "seg_q", B, Nq, q.device, check_sorted)
     check_seg(seg_k, "seg_k", B, k.shape[2], q.device, check_sorted)
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive number or None (1/sqrt(D)); got {scale!r}")
 
 
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Tensor, *,
@@ -96,15 +100,19 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Ten
                       check_sorted: bool | None = None) -> Tensor:
     """Segment-causal attention (see the module docstring for the contract).
 
-    backend: ``auto`` (triton, then cuda, on CUDA tensors; sdpa elsewhere), ``reference``,
+    backend: ``auto`` (on CUDA tensors the fastest of triton, cuda and sdpa that passed its one-time
+    self-check on this device; sdpa elsewhere — see :mod:`randsac_fast.ops.selfcheck`), ``reference``,
     ``sdpa``, ``flex``, ``xformers``, ``triton``, ``cuda``. ``check_sorted`` overrides the global
     switch (:func:`randsac_fast.ops.set_checks`) for the one sync-costing check.
     """
     validate(q, k, v, seg_q, seg_k, scale, check_sorted)
+    inclusive, scale = _validate.attention_args(q, k, v, seg_q, seg_k, inclusive, scale, check_sorted)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    layout = "contiguous" if q.is_contiguous() and k.is_contiguous() and v.is_contiguous() else "strided"
     fn = resolve("segment_attention", backend, _TABLE, q.device,
-                 auto_order(q.device, ("triton", "cuda"), ("sdpa",)))
+                 dtype=q.dtype, structure=(q.shape[-1], bool(inclusive), layout),
+                 shape=(q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     return fn(q, k, v, seg_q, seg_k, bool(inclusive), float(scale))
 
 
@@ -217,7 +225,7 @@ def segment_attention_qkv(qkv: Tensor, bounds: SegmentBounds, num_heads: int, *,
     query rows with kv_len 0 (padding, or nothing visible) give 0.
     """
     d = _validate_fused(qkv, None, bounds, num_heads, 3)
-    fn = resolve("segment_attention", backend, _FUSED_TABLE, qkv.device,
+    fn = resolve("segment_attention_fused", backend, _FUSED_TABLE, qkv.device,
                  auto_order(qkv.device, ("triton", "cuda"), ("sdpa",)))
     return fn(qkv, None, bounds, int(num_heads), float(scale if scale is not None else d ** -0.5))
 
@@ -227,6 +235,6 @@ def segment_attention_cross(q: Tensor, kv: Tensor, bounds: SegmentBounds, num_he
     """Cross-attention from a q projection [B, Nq, H*D] into a kv projection [B, Nk, 2*H*D]
     (k | v) -> [B, Nq, H*D]; bounds from :func:`segment_bounds` (seg_q, seg_k)."""
     d = _validate_fused(q, kv, bounds, num_heads, 1)
-    fn = resolve("segment_attention", backend, _FUSED_TABLE, q.device,
+    fn = resolve("segment_attention_fused", backend, _FUSED_TABLE, q.device,
                  auto_order(q.device, ("triton", "cuda"), ("sdpa",)))
     return fn(q, kv, bounds, int(num_heads), float(scale if scale is not None else d ** -0.5))

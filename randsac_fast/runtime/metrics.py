@@ -149,6 +149,8 @@ class MetricsLogger:
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
         line = (f"[{bar}] step {step}/{self.total} loss {record['loss']:.4f} "
                 f"lr {record['lr']:.2e} {record['img_per_s']:.0f} img/s ETA {_format_eta(eta)}")
+        if "data_wait_frac" in record:
+            line += f" data-wait {record['data_wait_frac']:.0%}"
         if "mfu" in record:
             line += f" mfu {record['mfu']:.1%} mem {record['max_mem_gib']:.1f} GiB"
         for key, label in (("val_top1", "val top-1"), ("knn_top1", "knn top-1")):
