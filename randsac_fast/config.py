@@ -648,7 +648,7 @@ RULES: dict[str, Rule] = {
     "head": optional(one_of("mlp", "linear")), "skip_memory": optional(boolean()),
     "blur_kernel": optional(odd_or_zero()), "blur_sigma": optional(positive()), "norm_pix": optional(boolean()),
     "loss": optional(one_of("mse", "l1")),
-    "backend": one_of("auto", "reference", "sdpa", "flex", "xformers", "triton", "cuda"),
+    "backend": one_of("auto", "reference", "sdpa", "sdpa_causal", "flex", "xformers", "triton", "cuda"),
     # data
     "data": text(), "crop_scale": interval(0.0, 1.0), "crop_ratio": interval(0.0, math.inf), "hflip": boolean(),
     "mean": optional(each(Rule(_is_real, "a finite number"))), "std": optional(each(positive())),
@@ -660,7 +660,8 @@ RULES: dict[str, Rule] = {
     # train
     "out": writable_dir(), "steps": optional(at_least(1)), "epochs": positive(), "batch_size": at_least(1),
     "accum": optional(at_least(1)), "micro_batch": optional(at_least(1)), "seed": integer(), "order": text(), "resume": optional(text()),
-    "ckpt_every": at_least(0), "keep": at_least(1), "log_every": at_least(1), "compile": boolean(),
+    "ckpt_every": at_least(0), "keep": at_least(1), "log_every": at_least(1),
+    "compile": one_of("none", "block", "whole", "whole-cudagraphs"),
     "ac": boolean(), "probe": boolean(), "knn_every": at_least(0), "knn_k": at_least(1),
     "knn_images": optional(at_least(1)), "device": Rule(_device, "auto, cpu or cuda"),
     "wandb": boolean(), "wandb_project": text(), "allow_changed": boolean(), "force": boolean(),

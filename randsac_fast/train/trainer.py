@@ -167,7 +167,7 @@ class Trainer:
             self.micro += 1
         # Clip only when asked; otherwise the norm (a reduction over every gradient) is computed
         # only on the steps that log or save it (and check it is finite); None on the others.
-        clip = self.cfg.optim.clip_grad
+        clip, t = self.cfg.optim.clip_grad, self.cfg.train
         n = self.step + 1
         due = (n % t.log_every == 0 or n == self.total_steps or (t.ckpt_every and n % t.ckpt_every == 0)
                or (t.knn_every and n % t.knn_every == 0))
@@ -257,7 +257,8 @@ class Trainer:
         bad = torch.tensor([skipped], dtype=torch.int64)
         dist.all_reduce(bad)
         record = {"step": self.step, "loss": losses[-1][1], "lr": self.optimizer.param_groups[0]["lr"],
-                  "grad_norm": None if grad_norm is None else float(grad_norm),   # None: a stop between logging steps "img_per_s": img_per_s, "skipped_images": int(bad),
+                  "grad_norm": None if grad_norm is None else float(grad_norm),   # None: a stop between log steps
+                  "img_per_s": img_per_s, "skipped_images": int(bad),
                   "epoch": self.micro / self.batches.per_epoch}
         if len(losses) > 1:  # every step's loss, so curves (and exact-resume checks) see all of them
             record["losses"] = [v for _, v in losses]
