@@ -22,7 +22,13 @@
   ``norm``, ``prediction_head``, ``cls_token``, ``pos_embed`` with a cls row).
 * :func:`interpolate_pos_embed` resamples a position-embedding table to another grid.
 
-CLI: ``python -m randsac_fast.interop export --ckpt PATH [--model NAME] --out FILE [--safetensors]``.
+* :func:`timm_config` is timm's ``config.json`` for the export: the architecture name of the
+  matching size, the constructor arguments and the ``pretrained_cfg`` with the normalisation
+  mean/std and input size, so ``timm.create_model("local-dir:DIR", pretrained=True)`` rebuilds it.
+
+CLI: ``python -m randsac_fast.interop export --ckpt PATH [--model NAME] --out DIR|FILE``: a directory
+gets ``config.json`` + ``model.safetensors`` (timm's local / hub layout); a ``.pt`` / ``.safetensors``
+file gets the weights and ``FILE.json`` beside it with the same config.
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ from torch import Tensor, nn
 from . import models
 from .models import SAIM, RandSAC, SAIMConfig
 
-__all__ = ["to_timm", "timm_kwargs", "from_saim_official", "saim_official_config", "interpolate_pos_embed",
+__all__ = ["to_timm", "timm_kwargs", "timm_architecture", "timm_config", "export_timm", "from_saim_official", "saim_official_config", "interpolate_pos_embed",
            "load_model", "save_state_dict", "main"]
 
 
@@ -186,6 +192,93 @@ def timm_kwargs(model: nn.Module, *, fc_norm: bool = False, global_pool: str = "
                 embed_dim=model.config.embed_dim, depth=len(model.blocks), num_heads=blk.attn.num_heads,
                 mlp_ratio=blk.mlp.fc1.out_features / model.config.embed_dim, qkv_bias=True,
                 class_token=isinstance(model, SAIM), global_pool=global_pool, fc_norm=fc_norm, num_classes=0)
+
+
+def timm_architecture(model: nn.Module) -> str:
+    """The timm model name of the encoder's size, e.g. ``vit_tiny_patch16_224`` for a width-192
+    encoder: the size word is the standard ViT size (:data:`models.vit.SIZES`, timm's own) with
+    the nearest width. :func:`timm_kwargs` sets every dimension (patch and image size included),
+    so the name picks timm's ViT family and its defaults, not the shapes."""
+    from .models.vit import SIZES
+    _check_model(model)
+    width = model.config.embed_dim
+    size = min(SIZES, key=lambda s: (abs(SIZES[s][0] - width), SIZES[s][0]))
+    return f"vit_{size}_patch16_224"
+
+
+def timm_config(model: nn.Module, mean, std, *, fc_norm: bool = False, global_pool: str = "avg") -> dict:
+    """timm's ``config.json`` for :func:`to_timm`'s weights (what ``create_model("local-dir:DIR")``
+    and the hub read): ``architecture``, ``num_classes`` 0, ``num_features``, ``global_pool``,
+    ``model_args`` (:func:`timm_kwargs`) and ``pretrained_cfg`` with the input size, the
+    normalisation ``mean`` / ``std`` the encoder was trained with and the evaluation view (the
+    centred largest square, resized: crop_pct 1, center)."""
+    kwargs = timm_kwargs(model, fc_norm=fc_norm, global_pool=global_pool)
+    mean, std = [float(m) for m in mean], [float(s) for s in std]
+    if len(mean) != model.in_chans or len(std) != model.in_chans:
+        raise ValueError(f"mean {mean} / std {std} need one value per channel ({model.in_chans})")
+    return {
+        "architecture": timm_architecture(model),
+        "num_classes": 0,
+        "num_features": model.config.embed_dim,
+        "global_pool": global_pool,
+        "model_args": {**kwargs, "img_size": list(kwargs["img_size"])},
+        "pretrained_cfg": {
+            "input_size": [model.in_chans, *model.img_size], "fixed_input_size": True,
+            "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+            "mean": mean, "std": std, "num_classes": 0,
+            "first_conv": "patch_embed.proj", "classifier": "head",
+            "tag": f"randsac_fast-{type(model).__name__.lower()}",
+        },
+    }
+
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def export_timm(model: nn.Module, out: str, mean, std, *, fc_norm: bool = False, safetensors: bool = False) -> dict:
+    """Write the encoder for timm with its metadata; returns :func:`timm_config`.
+
+    ``out`` a directory: ``config.json`` + ``model.safetensors`` (timm's local-dir / hub layout:
+    ``timm.create_model("local-dir:" + out, pretrained=True)``). ``out`` a file (``.pt``, ``.pth``,
+    ``.bin``; ``.safetensors`` or ``safetensors=True`` for safetensors): the weights, and the same
+    config as ``<out without suffix>.json`` beside it (safetensors files also carry it as metadata).
+    """
+    sd = to_timm(model, fc_norm=fc_norm)
+    cfg = timm_config(model, mean, std, fc_norm=fc_norm)
+    meta = {"timm_kwargs": json.dumps(timm_kwargs(model, fc_norm=fc_norm)), "timm_config": json.dumps(cfg)}
+    if out.endswith(_WEIGHT_SUFFIXES):
+        config_path = os.path.splitext(out)[0] + ".json"
+        save_state_dict(sd, out, safetensors=safetensors or out.endswith(".safetensors"), metadata=meta)
+    else:
+        if os.path.isfile(out):
+            raise ValueError(f"--out {out} is a file without a weights suffix; pass a directory (config.json + "
+                             f"model.safetensors) or a file ending in one of {', '.join(_WEIGHT_SUFFIXES)}")
+        os.makedirs(out, exist_ok=True)
+        config_path = os.path.join(out, "config.json")
+        save_state_dict(sd, os.path.join(out, "model.safetensors"), safetensors=True, metadata=meta)
+    with open(config_path, "w") as fh:
+        json.dump(cfg, fh, indent=2)
+    return cfg
+
+
+def run_normalisation(meta: dict, in_chans: int) -> tuple[tuple, tuple]:
+    """The mean/std a checkpoint's run normalised its inputs with: the recorded config's, else the
+    data set's own (the trainer's rule; the data set is opened to read them)."""
+    from . import data
+    d = meta.get("config", {}).get("data", {})
+    if d.get("mean") and d.get("std"):
+        return tuple(d["mean"]), tuple(d["std"])
+    if d.get("data"):
+        try:
+            source = data.open_source(d["data"], meta["config"].get("model", {}).get("img_size", 32))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"the run normalised with its data set's mean/std, but {d['data']!r} cannot be opened "
+                             f"here ({e}); pass --mean and --std") from None
+        return tuple(d.get("mean") or source.mean), tuple(d.get("std") or source.std)
+    if in_chans == 3:
+        return data.IMAGENET_MEAN, data.IMAGENET_STD
+    raise ValueError(f"the checkpoint does not record its normalisation and the model takes {in_chans} channel(s); "
+                     "pass --mean and --std (one value per channel)")
 
 
 def save_state_dict(state_dict: dict[str, Tensor], path: str, *, safetensors: bool = False,
@@ -532,23 +625,36 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write the encoder as a timm VisionTransformer state dict")
     add_checkpoint_args(ex)
-    ex.add_argument("--out", required=True, help="output file (.pt, or .safetensors with --safetensors)")
-    ex.add_argument("--safetensors", action="store_true", help="write safetensors (needs the safetensors package)")
+    ex.add_argument("--out", required=True,
+                    help="a directory (config.json + model.safetensors, timm's local-dir layout) or a file: .pt, "
+                         ".safetensors (config beside it as FILE.json)")
+    ex.add_argument("--safetensors", action="store_true", help="write a file as safetensors whatever its suffix")
     ex.add_argument("--fc-norm", action="store_true",
                     help="store the final norm as timm's fc_norm (normalises the pooled vector; a fine-tuning "
                          "start, not the same features)")
+    ex.add_argument("--mean", type=float, nargs="+", default=None,
+                    help="normalisation mean per channel for pretrained_cfg (default: the run's)")
+    ex.add_argument("--std", type=float, nargs="+", default=None,
+                    help="normalisation std per channel for pretrained_cfg (default: the run's)")
     args = p.parse_args(argv)
     try:
-        model, _ = load_model(args.ckpt, args.model, backend=args.backend, **parse_sets(args.set))
-        sd = to_timm(model, fc_norm=args.fc_norm)
-        kwargs = timm_kwargs(model, fc_norm=args.fc_norm)
-        save_state_dict(sd, args.out, safetensors=args.safetensors, metadata={"timm_kwargs": json.dumps(kwargs)})
+        if (args.mean is None) != (args.std is None):
+            raise ValueError("pass --mean and --std together (or neither, for the run's own)")
+        model, meta = load_model(args.ckpt, args.model, backend=args.backend, **parse_sets(args.set))
+        mean, std = (args.mean, args.std) if args.mean else run_normalisation(meta, model.in_chans)
+        cfg = export_timm(model, args.out, mean, std, fc_norm=args.fc_norm, safetensors=args.safetensors)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    print(f"wrote {len(sd)} tensors to {args.out}. Load with:\n"
-          f"  model = timm.create_model('vit_base_patch16_224', pretrained=False, **{kwargs!r})\n"
-          f"  model.load_state_dict(state_dict)")
+    arch, kwargs, pre = cfg["architecture"], cfg["model_args"], cfg["pretrained_cfg"]
+    if args.out.endswith(_WEIGHT_SUFFIXES):
+        print(f"wrote {args.out} and its timm config {os.path.splitext(args.out)[0]}.json "
+              f"(mean {pre['mean']}, std {pre['std']}). Load with:\n"
+              f"  model = timm.create_model({arch!r}, pretrained=False, **{kwargs!r})\n"
+              f"  model.load_state_dict(state_dict)")
+    else:
+        print(f"wrote {args.out}/model.safetensors and config.json ({arch}, mean {pre['mean']}, std {pre['std']}). "
+              f"Load with:\n  model = timm.create_model({'local-dir:' + args.out!r}, pretrained=True)")
     return 0
 
 
