@@ -619,11 +619,19 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="attention backend (default auto)")
 
 
+def _add_norm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="normalisation mean per channel to record (default: the run's)")
+    p.add_argument("--std", type=float, nargs="+", default=None,
+                   help="normalisation std per channel to record (default: the run's)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m randsac_fast.interop",
-                                description="Export a RandSAC / SAIM encoder as a timm ViT state dict.")
+                                description="Export a RandSAC / SAIM checkpoint: the encoder for timm, or the "
+                                            "whole model as a save_pretrained directory.")
     sub = p.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write the encoder as a timm VisionTransformer state dict")
+    ex = sub.add_parser("export", help="write the encoder as a timm VisionTransformer (weights + config.json)")
     add_checkpoint_args(ex)
     ex.add_argument("--out", required=True,
                     help="a directory (config.json + model.safetensors, timm's local-dir layout) or a file: .pt, "
@@ -632,29 +640,40 @@ def main(argv=None) -> int:
     ex.add_argument("--fc-norm", action="store_true",
                     help="store the final norm as timm's fc_norm (normalises the pooled vector; a fine-tuning "
                          "start, not the same features)")
-    ex.add_argument("--mean", type=float, nargs="+", default=None,
-                    help="normalisation mean per channel for pretrained_cfg (default: the run's)")
-    ex.add_argument("--std", type=float, nargs="+", default=None,
-                    help="normalisation std per channel for pretrained_cfg (default: the run's)")
+    _add_norm_args(ex)
+    pre = sub.add_parser("pretrained", help="write the whole model as a save_pretrained directory "
+                                            "(models.from_pretrained loads it in one line)")
+    add_checkpoint_args(pre)
+    pre.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    _add_norm_args(pre)
     args = p.parse_args(argv)
     try:
         if (args.mean is None) != (args.std is None):
             raise ValueError("pass --mean and --std together (or neither, for the run's own)")
         model, meta = load_model(args.ckpt, args.model, backend=args.backend, **parse_sets(args.set))
         mean, std = (args.mean, args.std) if args.mean else run_normalisation(meta, model.in_chans)
-        cfg = export_timm(model, args.out, mean, std, fc_norm=args.fc_norm, safetensors=args.safetensors)
+        if args.command == "pretrained":
+            model.save_pretrained(args.out, metadata={"mean": list(mean), "std": list(std), "checkpoint": args.ckpt,
+                                                      "step": meta.get("step")})
+        else:
+            cfg = export_timm(model, args.out, mean, std, fc_norm=args.fc_norm, safetensors=args.safetensors)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    arch, kwargs, pre = cfg["architecture"], cfg["model_args"], cfg["pretrained_cfg"]
+    if args.command == "pretrained":
+        print(f"wrote {args.out}/model.safetensors and config.json ({type(model).__name__}). Load with:\n"
+              f"  model = randsac_fast.models.from_pretrained({args.out!r})")
+        return 0
+    arch, kwargs, pre_cfg = cfg["architecture"], cfg["model_args"], cfg["pretrained_cfg"]
     if args.out.endswith(_WEIGHT_SUFFIXES):
         print(f"wrote {args.out} and its timm config {os.path.splitext(args.out)[0]}.json "
-              f"(mean {pre['mean']}, std {pre['std']}). Load with:\n"
+              f"(mean {pre_cfg['mean']}, std {pre_cfg['std']}). Load with:\n"
               f"  model = timm.create_model({arch!r}, pretrained=False, **{kwargs!r})\n"
               f"  model.load_state_dict(state_dict)")
     else:
-        print(f"wrote {args.out}/model.safetensors and config.json ({arch}, mean {pre['mean']}, std {pre['std']}). "
-              f"Load with:\n  model = timm.create_model({'local-dir:' + args.out!r}, pretrained=True)")
+        print(f"wrote {args.out}/model.safetensors and config.json ({arch}, mean {pre_cfg['mean']}, "
+              f"std {pre_cfg['std']}). Load with:\n  model = timm.create_model({'local-dir:' + args.out!r}, "
+              "pretrained=True)")
     return 0
 
 
