@@ -1,18 +1,26 @@
-"""Trainer configuration: one typed structure, filled from a preset, then from command-line flags.
+"""Trainer configuration: one typed structure, filled from a preset, a ``--config`` file, then flags.
 
 Sections mirror the trainer's component files (model, data, optim, train). Every field carries a
-one-line doc that becomes its ``--help`` text; every field is a flag ``--field-name``.
+one-line doc that becomes its ``--help`` text; every field is a flag ``--field-name`` (booleans
+``--x`` / ``--no-x``, lists comma-separated). ``--config run.toml`` (or the ``config.json`` a run
+wrote) reproduces a run; flags given with it override it.
+
+Hand-written on purpose: the parser generator is ~100 lines of stdlib argparse over the dataclasses;
+libraries that do this (tyro, jsonargparse, simple-parsing) would add a dependency and still need
+the preset layer and the help that shows the preset's values.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import typing
 from dataclasses import dataclass, field
 
 __all__ = ["ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config", "PRESETS", "parse_args",
-           "to_dict"]
+           "load_config_file", "to_dict"]
 
 
 def doc(text: str, default=None, **kw):
@@ -94,6 +102,9 @@ class TrainConfig:
     knn_k: int = doc("neighbours of the k-NN monitor", 20)
     knn_images: int | None = doc("at most this many images of each k-NN split (None: all)", 10000)
     device: str = doc("cuda or cpu (default: cuda when available)", "auto")
+    wandb: bool = doc("also log to Weights & Biases (pip install wandb; WANDB_MODE=offline logs without an "
+                      "account)", False)
+    wandb_project: str = doc("Weights & Biases project of --wandb", "randsac_fast")
 
 
 @dataclass
@@ -224,22 +235,95 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser() -> argparse.ArgumentParser:
+DEFAULT_PRESET = "digits"
+# Data the default preset may run on without --preset: its own, and images made at any size.
+_DEFAULT_PRESET_DATA = ("digits", "synthetic")
+
+
+def _is_bool(hint) -> bool:
+    return hint is bool or set(typing.get_args(hint)) == {bool, type(None)}
+
+
+def _default_text(name: str, value, preset: str, file_values: dict, file_name: str | None) -> str:
+    """Where a field's value comes from when no flag sets it: the --config file, the preset, or
+    the field's own default -- the value the run will use, not the dataclass default."""
+    if name in file_values:
+        return f"default: from {file_name}: {file_values[name]}"
+    if name in PRESETS[preset][1]:
+        return f"default: from preset {preset}: {PRESETS[preset][1][name]}"
+    return f"default: {value}"
+
+
+def build_parser(preset: str = DEFAULT_PRESET, file_values: dict | None = None,
+                 file_name: str | None = None) -> argparse.ArgumentParser:
+    """The trainer's parser: one flag per field, each help line ending with the value the run
+    will use given ``preset`` and the ``--config`` file's values."""
     presets = "\n".join(f"  {k}: {src}" for k, (src, _) in PRESETS.items())
+    file_values = file_values or {}
     p = argparse.ArgumentParser(
         prog="python -m randsac_fast.train",
+        usage="%(prog)s [--preset NAME] [--config FILE] [--FIELD VALUE | --FLAG | --no-FLAG ...]",
         description="RandSAC / SAIM pre-training (FSDP2; torchrun for several processes). Values come "
-                    "from --preset, then the flags given.",
+                    "from --preset, then the --config file, then the flags given. Booleans are --x / "
+                    "--no-x; lists are comma-separated (--betas 0.9,0.95).",
         epilog="presets:\n" + presets, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="digits", help="settings to start from (see below)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"settings to start from (see below; default: {preset})")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a TOML or JSON config (e.g. the config.json a run wrote): reproduces that run; "
+                        "flags given here override it")
     cfg = Config()
     for sec, f in _fields(cfg):
         hint = _hints(type(sec))[f.name]
-        default = getattr(sec, f.name)
-        p.add_argument(_flag(f.name), dest=f.name, type=_as_argparse(_parser_for(hint), f.name),
-                       default=argparse.SUPPRESS, metavar=f.name.upper(),
-                       help=f"{f.metadata['doc']} (default {default})")
+        help_text = f"{f.metadata['doc']} ({_default_text(f.name, getattr(sec, f.name), preset, file_values, file_name)})"
+        if _is_bool(hint):
+            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_text)
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, type=_as_argparse(_parser_for(hint), f.name),
+                           default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
     return p
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def legacy_booleans(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Rewrite the older spelling ``--x true|false`` (and ``--x=false``) of a boolean flag into
+    ``--x`` / ``--no-x``, so scripts written for it keep working. Only for parsers without
+    positional arguments, where a word after a boolean flag can only be its value."""
+    flags = {s for a in parser._actions if isinstance(a, argparse.BooleanOptionalAction)
+             for s in a.option_strings if not s.startswith("--no-")}
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in flags and (eq or (i + 1 < len(argv) and not argv[i + 1].startswith("-"))):
+            if not eq:
+                value, i = argv[i + 1], i + 1
+            if value.lower() not in _TRUE + _FALSE:
+                parser.error(f"{name}: expected true or false, got {value!r} (or write {name} / --no-{name[2:]})")
+            arg = name if value.lower() in _TRUE else "--no-" + name[2:]
+        out.append(arg)
+        i += 1
+    return out
+
+
+def comma_list(kind=str):
+    """An argparse ``type`` for the one list syntax of every command: comma-separated values
+    (``--mean 0.5,0.5,0.5``). Used with ``nargs="+"`` and :func:`flat`, the older space-separated
+    spelling (``--mean 0.5 0.5 0.5``) keeps working."""
+    def parse(text: str):
+        try:
+            return [kind(t) for t in text.split(",") if t != ""]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+    parse.__name__ = f"comma-separated {kind.__name__}"
+    return parse
+
+
+def flat(lists):
+    """[[a, b], [c]] -> [a, b, c] (the value of a ``nargs="+"`` :func:`comma_list` flag); None stays None."""
+    return None if lists is None else [x for part in lists for x in part]
 
 
 def _as_argparse(parse, name):
@@ -262,17 +346,128 @@ def apply(cfg: Config, values: dict) -> Config:
     return cfg
 
 
+# --------------------------------------------------------------------------------------------
+# Config files: --config run.toml / config.json
+# --------------------------------------------------------------------------------------------
+def _file_value(value, hint, where: str):
+    """A TOML / JSON value checked against the field's type hint (strings parse as on the CLI)."""
+    if isinstance(value, str):
+        try:
+            return _parser_for(hint)(value)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"{where}: a value is required, got null")
+    base = next((a for a in args if a is not type(None)), hint) if type(None) in args else hint
+
+    def scalar(v, kind):
+        ok = (isinstance(v, bool) if kind is bool else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else
+              isinstance(v, int) and not isinstance(v, bool) if kind is int else isinstance(v, kind))
+        if not ok:
+            raise ValueError(f"{where}: expected {kind.__name__}, got {v!r}")
+        return float(v) if kind is float else v
+
+    if typing.get_origin(base) is tuple:
+        items = typing.get_args(base)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if not (len(items) == 2 and items[1] is Ellipsis) and len(value) != len(items):
+            raise ValueError(f"{where}: expected {len(items)} values, got {list(value)!r}")
+        return tuple(scalar(v, items[0]) for v in value)
+    return scalar(value, base)
+
+
+def load_config_file(path: str) -> tuple[dict, list[str], str | None]:
+    """Read ``--config``: (field values, the fields that count as set by the user, preset or None).
+
+    The file holds the sections of a run's ``config.json`` (``[model]``, ``[data]``, ``[optim]``,
+    ``[train]``) or bare field names, and optionally ``preset``. A ``flags`` list (written by runs)
+    names the fields the user set; without one, every field in the file counts as set.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        if path.endswith(".toml"):
+            with open(path, "rb") as fh:
+                raw = _toml().load(fh)
+        else:
+            with open(path) as fh:
+                raw = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(f"--config {path}: not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {path}: expected a table of fields, got {type(raw).__name__}")
+    hints = {f.name: _hints(type(sec))[f.name] for sec, f in _fields(Config())}
+    preset, flags, values = raw.pop("preset", None), raw.pop("flags", None), {}
+    for key, val in raw.items():
+        items = val.items() if key in _SECTIONS and isinstance(val, dict) else [(key, val)]
+        for name, v in items:
+            where = f"--config {path}: {key + '.' if key in _SECTIONS else ''}{name}"
+            if name not in hints:
+                raise ValueError(f"{where} is not a config field; see --help for the fields")
+            values[name] = _file_value(v, hints[name], where)
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"--config {path}: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return values, list(values) if flags is None else [f for f in flags if f in hints], preset
+
+
+def _toml():
+    try:
+        import tomllib                      # Python >= 3.11
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib         # Python 3.10 (installed with the package)
+        except ModuleNotFoundError:
+            raise ValueError("TOML config files on Python 3.10 need tomli: pip install tomli") from None
+    return tomllib
+
+
+def _early(argv: list[str]):
+    """--preset and --config, read before the parser is built (its help shows their values)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--preset", default=None)
+    p.add_argument("--config", default=None)
+    return p.parse_known_args(argv)[0]
+
+
 def parse_args(argv=None) -> Config:
-    """Preset, then flags. Unknown preset or flag, or a bad value: argparse error (exit code 2)."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    values = vars(ns)
-    preset = values.pop("preset")
+    """Preset, then the --config file, then flags. Unknown preset or flag, a bad value or a bad
+    config file: argparse error (exit code 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    early = _early(argv)
+    file_values, file_flags, file_preset = {}, [], None
+    file_error = None
+    if early.config:
+        try:
+            file_values, file_flags, file_preset = load_config_file(early.config)
+        except ValueError as e:
+            file_error = str(e)
+    preset = early.preset or file_preset or DEFAULT_PRESET
+    parser = build_parser(preset if preset in PRESETS else DEFAULT_PRESET, file_values, early.config)
+    ns = parser.parse_args(legacy_booleans(argv, parser))
+    if file_error:
+        parser.error(file_error)
     if preset not in PRESETS:
         parser.error(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = vars(ns)
+    values.pop("preset")
+    values.pop("config")
     cfg = apply(Config(preset=preset), dict(PRESETS[preset][1]))
-    cfg.flags = sorted(values)
-    return apply(cfg, values)
+    apply(cfg, file_values)
+    apply(cfg, values)
+    cfg.flags = sorted(set(file_flags) | set(values))
+    given = set(values) | set(file_values)
+    chose_preset = bool(early.preset or file_preset)
+    if not chose_preset and cfg.data.data not in _DEFAULT_PRESET_DATA and "img_size" not in given:
+        parser.error(f"--data {cfg.data.data} without --preset would train the {DEFAULT_PRESET} demo's "
+                     f"{cfg.model.img_size}x{cfg.model.img_size} model (patch {cfg.model.patch_size}, order "
+                     f"{cfg.train.order}) on it; pass --preset NAME (listed by --help; e.g. "
+                     "randsac_cifar10_square for 32x32 images) or set --img-size and --patch-size")
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:

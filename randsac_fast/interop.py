@@ -20,7 +20,9 @@
 * :func:`from_saim_official` builds our SAIM model from a state dict of the official release
   (github qiy20/SAIM ``models_saim.py``: separate q/k/v linears, ``blocks.*``, ``query_blocks.*``,
   ``norm``, ``prediction_head``, ``cls_token``, ``pos_embed`` with a cls row).
-* :func:`interpolate_pos_embed` resamples a position-embedding table to another grid.
+* :func:`interpolate_pos_embed` resamples a position-embedding table to another grid (hand-written
+  on purpose: timm's ``resample_abs_pos_embed`` does the same bicubic ``F.interpolate``, but timm is
+  an optional extra that brings a CUDA build of torch).
 
 * :func:`timm_config` is timm's ``config.json`` for the export: the architecture name of the
   matching size, the constructor arguments and the ``pretrained_cfg`` with the normalisation
@@ -47,6 +49,7 @@ from torch import Tensor, nn
 
 from . import models
 from .models import SAIM, RandSAC, SAIMConfig
+from .runtime.summary import print_summary, run_command
 
 __all__ = ["to_timm", "timm_kwargs", "timm_architecture", "timm_config", "export_timm", "from_saim_official", "saim_official_config", "interpolate_pos_embed",
            "load_model", "save_state_dict", "main"]
@@ -597,9 +600,10 @@ def load_model(path: str, name: str | None = None, *, backend: str = "auto", **o
 # CLI
 # --------------------------------------------------------------------------------------------
 def parse_sets(items) -> dict:
-    """['depth=4', 'img_size=32', 'loss=mse'] -> {'depth': 4, 'img_size': 32, 'loss': 'mse'}."""
+    """['depth=4', 'img_size=32,loss=mse'] -> {'depth': 4, 'img_size': 32, 'loss': 'mse'}: repeated
+    ``--set`` flags or one comma-separated list (the list syntax of every command)."""
     out = {}
-    for item in items or []:
+    for item in [part for group in items or [] for part in re.split(r",(?=\s*\w+=)", group)]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects KEY=VALUE (e.g. --set num_heads=3); got {item!r}")
@@ -615,15 +619,16 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="trainer checkpoint directory (step_XXXXXXXX) or a state-dict file")
     p.add_argument("--model", default=None, help="model name for a state-dict file, e.g. randsac_vit_tiny")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="model config override (repeatable), e.g. --set num_heads=3 --set img_size=32")
+                   help="model config overrides, comma-separated (or repeated), e.g. --set num_heads=3,img_size=32")
     p.add_argument("--backend", default="auto", help="attention backend (default auto)")
 
 
 def _add_norm_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mean", type=float, nargs="+", default=None,
-                   help="normalisation mean per channel to record (default: the run's)")
-    p.add_argument("--std", type=float, nargs="+", default=None,
-                   help="normalisation std per channel to record (default: the run's)")
+    from .config import comma_list
+    p.add_argument("--mean", type=comma_list(float), nargs="+", default=None,
+                   help="normalisation mean per channel to record, comma-separated (default: the run's)")
+    p.add_argument("--std", type=comma_list(float), nargs="+", default=None,
+                   help="normalisation std per channel to record, comma-separated (default: the run's)")
 
 
 def main(argv=None) -> int:
@@ -636,8 +641,9 @@ def main(argv=None) -> int:
     ex.add_argument("--out", required=True,
                     help="a directory (config.json + model.safetensors, timm's local-dir layout) or a file: .pt, "
                          ".safetensors (config beside it as FILE.json)")
-    ex.add_argument("--safetensors", action="store_true", help="write a file as safetensors whatever its suffix")
-    ex.add_argument("--fc-norm", action="store_true",
+    ex.add_argument("--safetensors", action=argparse.BooleanOptionalAction, default=False,
+                    help="write a file as safetensors whatever its suffix")
+    ex.add_argument("--fc-norm", action=argparse.BooleanOptionalAction, default=False,
                     help="store the final norm as timm's fc_norm (normalises the pooled vector; a fine-tuning "
                          "start, not the same features)")
     _add_norm_args(ex)
@@ -647,7 +653,10 @@ def main(argv=None) -> int:
     pre.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
     _add_norm_args(pre)
     args = p.parse_args(argv)
-    try:
+    from .config import flat
+    args.mean, args.std = flat(args.mean), flat(args.std)
+
+    def export(_):
         if (args.mean is None) != (args.std is None):
             raise ValueError("pass --mean and --std together (or neither, for the run's own)")
         model, meta = load_model(args.ckpt, args.model, backend=args.backend, **parse_sets(args.set))
@@ -655,26 +664,24 @@ def main(argv=None) -> int:
         if args.command == "pretrained":
             model.save_pretrained(args.out, metadata={"mean": list(mean), "std": list(std), "checkpoint": args.ckpt,
                                                       "step": meta.get("step")})
+            print_summary("save_pretrained done", {"checkpoint": args.ckpt, "directory": args.out,
+                                                   "model": type(model).__name__},
+                          {"load": f"model = randsac_fast.models.from_pretrained({args.out!r})"})
+            return
+        cfg = export_timm(model, args.out, mean, std, fc_norm=args.fc_norm, safetensors=args.safetensors)
+        arch, kwargs, pre_cfg = cfg["architecture"], cfg["model_args"], cfg["pretrained_cfg"]
+        as_file = args.out.endswith(_WEIGHT_SUFFIXES)
+        rows = {"checkpoint": args.ckpt, "timm weights": args.out if as_file else os.path.join(args.out, "model.safetensors"),
+                "timm config": os.path.splitext(args.out)[0] + ".json" if as_file else os.path.join(args.out, "config.json"),
+                "architecture": arch, "mean / std": f"{pre_cfg['mean']} / {pre_cfg['std']}"}
+        if as_file:
+            load = "safetensors.torch.load_file" if args.out.endswith(".safetensors") or args.safetensors else "torch.load"
+            hint = (f"model = timm.create_model({arch!r}, pretrained=False, **{kwargs!r}); "
+                    f"model.load_state_dict({load}({args.out!r}))")
         else:
-            cfg = export_timm(model, args.out, mean, std, fc_norm=args.fc_norm, safetensors=args.safetensors)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    if args.command == "pretrained":
-        print(f"wrote {args.out}/model.safetensors and config.json ({type(model).__name__}). Load with:\n"
-              f"  model = randsac_fast.models.from_pretrained({args.out!r})")
-        return 0
-    arch, kwargs, pre_cfg = cfg["architecture"], cfg["model_args"], cfg["pretrained_cfg"]
-    if args.out.endswith(_WEIGHT_SUFFIXES):
-        print(f"wrote {args.out} and its timm config {os.path.splitext(args.out)[0]}.json "
-              f"(mean {pre_cfg['mean']}, std {pre_cfg['std']}). Load with:\n"
-              f"  model = timm.create_model({arch!r}, pretrained=False, **{kwargs!r})\n"
-              f"  model.load_state_dict(state_dict)")
-    else:
-        print(f"wrote {args.out}/model.safetensors and config.json ({arch}, mean {pre_cfg['mean']}, "
-              f"std {pre_cfg['std']}). Load with:\n  model = timm.create_model({'local-dir:' + args.out!r}, "
-              "pretrained=True)")
-    return 0
+            hint = f"model = timm.create_model({'local-dir:' + args.out!r}, pretrained=True)"
+        print_summary("timm export done", rows, {"load in timm": hint})
+    return run_command(export, errors=(ValueError, TypeError, FileNotFoundError, ImportError))
 
 
 if __name__ == "__main__":

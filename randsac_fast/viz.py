@@ -28,6 +28,8 @@ from torch import Tensor
 
 from . import orders as orders_mod
 from . import reference
+from .config import comma_list, flat
+from .runtime.summary import print_summary, run_command
 
 __all__ = ["plot_orders", "plot_recon", "draw_order", "unnormalize_prediction", "load_images", "across_classes",
            "main"]
@@ -296,24 +298,28 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     o = sub.add_parser("orders", help="sampled segment orders (RandSAC Figures 2 and 3)")
     o.add_argument("--spec", required=True, help="order spec, e.g. blob:11/5, square:16/4, random")
-    o.add_argument("--grid", type=int, nargs="+", required=True, help="token grid side (or H W)")
+    o.add_argument("--grid", type=comma_list(int), nargs="+", required=True, help="token grid side (or H,W)")
     o.add_argument("--n", type=int, default=4, help="number of sampled orders (default 4)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--out", required=True, help="output PNG")
     r = sub.add_parser("recon", help="image | order | prediction of a trained model")
     add_checkpoint_args(r)
-    r.add_argument("--images", nargs="+", required=True,
-                   help="digits | synthetic | a directory (ImageFolder / CIFAR) | image files")
+    r.add_argument("--images", type=comma_list(str), nargs="+", required=True,
+                   help="digits | synthetic | a directory (ImageFolder / CIFAR) | image files (comma-separated)")
     r.add_argument("--n", type=int, default=4, help="number of images (default 4)")
     r.add_argument("--order", default=None, help="order spec (default: the training run's, else random / square:16/4)")
-    r.add_argument("--mean", type=float, nargs="+", default=None,
-                   help="normalisation mean per channel (default: the run's, else the data's)")
-    r.add_argument("--std", type=float, nargs="+", default=None,
-                   help="normalisation std per channel (default: the run's, else the data's)")
+    r.add_argument("--mean", type=comma_list(float), nargs="+", default=None,
+                   help="normalisation mean per channel, comma-separated (default: the run's, else the data's)")
+    r.add_argument("--std", type=comma_list(float), nargs="+", default=None,
+                   help="normalisation std per channel, comma-separated (default: the run's, else the data's)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True, help="output PNG")
     args = p.parse_args(argv)
-    try:
+    for name in ("grid", "images", "mean", "std"):
+        if hasattr(args, name):
+            setattr(args, name, flat(getattr(args, name)))
+
+    def draw(_):
         if args.n < 1:
             raise ValueError(f"--n must be at least 1; got {args.n}")
         if args.command == "orders":
@@ -327,11 +333,8 @@ def main(argv=None) -> int:
                                                     with_labels=True)
             out = plot_recon(model, images, args.out, spec=args.order or _default_order(model, meta),
                              mean=mean, std=std, seed=args.seed, labels=labels)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    print(f"wrote {out}")
-    return 0
+        print_summary(f"figure done ({args.command})", {"checkpoint": getattr(args, "ckpt", None), "figure": out})
+    return run_command(draw, errors=(ValueError, TypeError, FileNotFoundError, ImportError))
 
 
 if __name__ == "__main__":

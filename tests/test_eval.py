@@ -278,6 +278,6 @@ def test_linprobe_with_two_gloo_ranks(tiny_ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.load(open(tmp_path / "results.json"))
     assert result["val_images"] == 450 and result["top1"] > 0.3
-    assert proc.stdout.count("linear probe: top-1") == 1                 # rank 0 reports
+    assert proc.stdout.count("== linear probe done ==") == 1             # rank 0 reports
     last = sorted(os.listdir(tmp_path / "checkpoints"))[-1]
     assert {"rank_0.pt", "rank_1.pt"} <= set(os.listdir(tmp_path / "checkpoints" / last))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["open_source", "Augment", "ShardedBatches", "batch_stream", "eval_images", "DataError"]
+__all__ = ["open_source", "pretraining_root", "Augment", "ShardedBatches", "batch_stream", "eval_images", "DataError"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -147,6 +148,19 @@ class ImageFolderSource:
 
     def label(self, i: int) -> int:
         return self.files[i][1]
+
+
+def pretraining_root(data: str) -> str:
+    """``--data`` of pre-training: an evaluation root (``train/`` and ``val/`` side by side) means
+    its ``train/`` -- taken as an ImageFolder it would be two classes of images, train and val.
+    Says so (rank 0) when it redirects."""
+    if os.path.isdir(os.path.join(data, "train")) and os.path.isdir(os.path.join(data, "val")):
+        train = os.path.join(data, "train")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"--data {data} holds train/ and val/ (an evaluation root): pre-training on {train}; "
+                  f"val/ is left for evaluation (pass --data {train} to say it directly)", file=sys.stderr, flush=True)
+        return train
+    return data
 
 
 def open_source(data: str, img_size: int, synthetic_size: int = 4096, split: str = "train"):

@@ -9,6 +9,10 @@ timm (the ``timm`` extra) supplies RandAugment and mixup / cutmix when it is ins
 it, mixup / cutmix with label smoothing run from the small functions below and RandAugment is
 skipped with a warning naming the package.
 
+Hand-written on purpose: drop path, the layer-wise decay groups and the fallback mixup are a few
+lines each, while timm (which has them) brings a CUDA build of torch, so it stays an optional extra;
+the soft-target loss is torch's own ``F.cross_entropy`` with probability targets.
+
 Distribution: FSDP2 per block and at the root (:func:`randsac_fast.runtime.parallel.parallelize`), as in
 pre-training; data sharding, schedule, metrics and DCP checkpoints are the trainer's components.
 """
@@ -31,8 +35,9 @@ from .. import data as data_mod
 from .. import interop
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
 from .linprobe import (add_run_args, check_channels, cli, eval_transform, evaluate, labelled_splits, load_encoder,
-                       norm_stats)
-from ..runtime.metrics import MetricsLogger
+                       metrics_logger, norm_stats, summarise)
+from ..runtime.metrics import require_wandb
+from ..runtime.summary import write_results
 from ..runtime.parallel import init_distributed, parallelize
 from ..runtime.schedule import lr_at, scaled_lr
 
@@ -286,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=("mae", "none"), default="mae",
                    help="mae: RandomResizedCrop(0.08, 1) + flip + RandAugment; none: the evaluation view")
     p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm (default: off)")
-    p.add_argument("--cls-token", action="store_true", help="classify from the cls token (SAIM)")
+    p.add_argument("--cls-token", action=argparse.BooleanOptionalAction, default=False,
+                   help="classify from the cls token (SAIM)")
     add_run_args(p, log_every=10)
     return p
 
@@ -297,6 +303,8 @@ def run(argv=None) -> dict:
     if args.batch_size < 1 or (args.batch_size % 2 and (args.mixup > 0 or args.cutmix > 0)):
         raise ValueError(f"--batch-size must be a positive even number with mixup / cutmix (images are mixed in "
                          f"pairs); got {args.batch_size}")
+    if args.wandb:
+        require_wandb()
     train_src, val_src = labelled_splits(args.data)
     encoder, meta = load_encoder(args.ckpt, args.model, interop.parse_sets(args.set), args.backend)
     check_channels(encoder, train_src, args.ckpt)
@@ -329,7 +337,7 @@ def run(argv=None) -> dict:
     gen = torch.Generator()
     torch.manual_seed(data_mod.sample_seed(args.seed, -3, rank))   # per-rank drop-path draws
     ckpt = Checkpointer(args.out, args.keep, rank, world)
-    step = 0
+    step, last = 0, None
     if args.resume:
         path = ckpt.resolve(args.resume)
         if path is not None:
@@ -338,8 +346,8 @@ def run(argv=None) -> dict:
                 raise ValueError(f"--resume {path} is not a fine-tuning checkpoint")
             if state is not None:
                 set_rng_state(state, gen)
-            step = saved["step"]
-    metrics = MetricsLogger(args.out, dist_info.is_main, total, step)
+            step, last = saved["step"], path
+    metrics = metrics_logger(args, dist_info.is_main, total, step)
     view = eval_transform(img_size, mean, std)
 
     stream = data_mod.batch_stream(dataset, batches, step, args.workers, pin_memory=device.type == "cuda")
@@ -349,7 +357,7 @@ def run(argv=None) -> dict:
         images, labels, _ = next(stream)
         images, targets = mixer(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), step)
         model.train()
-        loss = torch.sum(-targets * F.log_softmax(model(images).float(), dim=-1), dim=-1).mean()
+        loss = F.cross_entropy(model(images).float(), targets)   # soft targets: -sum(t * log p), batch mean
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip_grad:
@@ -374,19 +382,21 @@ def run(argv=None) -> dict:
             metrics.log(record)
             pending, tick, tick_step = [], time.perf_counter(), step
         if end_of_epoch and (step == total or round(epoch) % args.ckpt_every == 0):
-            ckpt.save(step, model, optimizer, {"task": "finetune", "encoder": args.ckpt, "total_steps": total,
+            last = ckpt.save(step, model, optimizer, {"task": "finetune", "encoder": args.ckpt, "total_steps": total,
                                                "args": vars(args)}, rng_state(gen))
     metrics.close()
     if not result:
         model.eval()
         result = evaluate(model, val_src, view, args.batch_size, dist_info)
+    results_file = os.path.join(args.out, "results.json")
     if dist_info.is_main:
-        print(f"fine-tune: top-1 {result['top1']:.4f} top-5 {result['top5']:.4f}", flush=True)
-    return {**result, "step": step, "losses": losses}   # losses: every step of this run, rank mean
+        write_results(args.out, {**result, "step": step, "ckpt": args.ckpt, "data": args.data, "args": vars(args)})
+    # losses: every step of this run, rank mean
+    return {**result, "step": step, "losses": losses, "checkpoint": last, "results_file": results_file}
 
 
 def main(argv=None) -> int:
-    return cli(run, argv)
+    return cli(run, argv, summarise)
 
 
 if __name__ == "__main__":

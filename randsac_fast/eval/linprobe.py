@@ -40,9 +40,10 @@ from torch import Tensor, nn
 from .. import data as data_mod
 from .. import interop, ops
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
-from ..runtime.metrics import MetricsLogger
+from ..runtime.metrics import MetricsLogger, require_wandb
 from ..runtime.parallel import Dist, init_distributed
 from ..runtime.schedule import lr_at, scaled_lr, set_lr
+from ..runtime.summary import command, eval_summary, run_command, write_results
 
 __all__ = ["labelled_splits", "load_encoder", "eval_transform", "evaluate", "ProbeHead", "run", "main"]
 
@@ -189,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per rank per step")
     p.add_argument("--blr", type=float, default=0.1, help="base lr; lr = blr * global batch / 256")
     p.add_argument("--min-lr", type=float, default=0.0, help="final lr of the cosine decay")
-    p.add_argument("--cls-token", action="store_true", help="probe the cls token (SAIM) instead of avg-pooling")
+    p.add_argument("--cls-token", action=argparse.BooleanOptionalAction, default=False,
+                   help="probe the cls token (SAIM) instead of avg-pooling")
     p.add_argument("--augment", choices=("mae", "none"), default="mae",
                    help="mae: RandomResizedCrop(0.08, 1) + horizontal flip; none: the evaluation view")
     add_run_args(p, log_every=50)
@@ -206,6 +208,15 @@ def add_run_args(p, log_every: int) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (init, data order, augmentation)")
     p.add_argument("--workers", type=int, default=0, help="dataloader worker processes per rank")
     p.add_argument("--device", default="auto", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
+                   help="also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works offline)")
+    p.add_argument("--wandb-project", default="randsac_fast", help="Weights & Biases project of --wandb")
+
+
+def metrics_logger(args, enabled: bool, total: int, step: int) -> MetricsLogger:
+    """The evaluation commands' logger: their flags as hparams, val_top1 beside them, wandb if asked."""
+    return MetricsLogger(args.out, enabled, total, step, config=vars(args), metric_tags=("loss", "val_top1"),
+                         wandb={"project": args.wandb_project} if args.wandb else None)
 
 
 def run(argv=None) -> dict:
@@ -214,6 +225,8 @@ def run(argv=None) -> dict:
     if args.batch_size < 1 or args.epochs <= 0:
         raise ValueError(f"--batch-size and --epochs must be positive; got {args.batch_size} and {args.epochs}")
     # ---- cheap validation before any process group exists -----------------------------------
+    if args.wandb:
+        require_wandb()
     train_src, val_src = labelled_splits(args.data)
     encoder, meta = load_encoder(args.ckpt, args.model, interop.parse_sets(args.set), args.backend)
     check_channels(encoder, train_src, args.ckpt)
@@ -249,7 +262,7 @@ def run(argv=None) -> dict:
     # ---- resume ------------------------------------------------------------------------------
     gen = torch.Generator()                             # the checkpoint's per-rank RNG slot
     ckpt = Checkpointer(args.out, args.keep, rank, world)
-    step = 0
+    step, last = 0, None
     if args.resume:
         path = ckpt.resolve(args.resume)
         if path is not None:
@@ -261,8 +274,8 @@ def run(argv=None) -> dict:
                               stacklevel=2)
             if state is not None:
                 set_rng_state(state, gen)
-            step = saved["step"]
-    metrics = MetricsLogger(args.out, dist_info.is_main, total, step)
+            step, last = saved["step"], path
+    metrics = metrics_logger(args, dist_info.is_main, total, step)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
     def logits_of(images: Tensor) -> Tensor:
@@ -302,35 +315,44 @@ def run(argv=None) -> dict:
             metrics.log(record)
             pending, tick, tick_step = [], time.perf_counter(), step
         if end_of_epoch and (step == total or round(epoch) % args.ckpt_every == 0):
-            ckpt.save(step, ddp_head, optimizer, {"task": "linprobe", "encoder": args.ckpt, "total_steps": total,
+            last = ckpt.save(step, ddp_head, optimizer, {"task": "linprobe", "encoder": args.ckpt, "total_steps": total,
                                                   "args": vars(args)}, rng_state(gen))
     metrics.close()
     if not result:   # resumed at the end: evaluate what was loaded
         head.eval()
         result = evaluate(logits_of, val_src, view, args.batch_size, dist_info)
+    results_file = os.path.join(args.out, "results.json")
     if dist_info.is_main:
-        with open(os.path.join(args.out, "results.json"), "w") as fh:
-            json.dump({**result, "step": step, "ckpt": args.ckpt, "data": args.data}, fh, indent=2)
-        print(f"linear probe: top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} "
-              f"({result['val_images']} validation images)", flush=True)
-    return {**result, "step": step}
+        write_results(args.out, {**result, "step": step, "ckpt": args.ckpt, "data": args.data, "args": vars(args)})
+    return {**result, "step": step, "checkpoint": last, "results_file": results_file}
 
 
-def cli(run_fn, argv=None) -> int:
-    """Run an evaluation command: bad input -> one line on stderr and exit code 1, no traceback."""
-    try:
-        run_fn(argv)
-    except (ValueError, FileNotFoundError, TypeError, ops.BackendUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+def cli(run_fn, argv=None, summarise=None) -> int:
+    """Run an evaluation command: bad input -> one line on stderr and exit code 1, no traceback;
+    success -> ``summarise(args, result)`` on rank 0 (the closing summary)."""
+    def body(argv):
+        result = run_fn(argv)
+        if summarise is not None and dist.is_initialized() and dist.get_rank() == 0:
+            summarise(run_fn.__module__, argv, result)
+    return run_command(body, argv, errors=(ValueError, FileNotFoundError, TypeError, ImportError,
+                                           ops.BackendUnavailable))
+
+
+def summarise(module: str, argv, result: dict) -> None:
+    """The closing block of linprobe / finetune; linprobe's next step is fine-tuning the same encoder."""
+    import importlib
+    args = importlib.import_module(module).build_parser().parse_args(argv)
+    task = "linear probe" if module.endswith("linprobe") else "fine-tune"
+    steps = None
+    if task == "linear probe":
+        model_args = (["--model", args.model] if args.model else []) + [a for s in args.set for a in ("--set", s)]
+        steps = {"fine-tune": command("finetune", "--ckpt", args.ckpt, *model_args, "--data", args.data,
+                                      "--out", os.path.join(os.path.dirname(os.path.normpath(args.out)), "finetune"))}
+    eval_summary(task, args.out, result.get("checkpoint"), result, result["results_file"], steps)
 
 
 def main(argv=None) -> int:
-    return cli(run, argv)
+    return cli(run, argv, summarise)
 
 
 if __name__ == "__main__":

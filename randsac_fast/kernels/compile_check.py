@@ -354,10 +354,10 @@ def main(argv=None) -> int:
     _prepare_environment()
     parser = argparse.ArgumentParser(prog="python -m randsac_fast.kernels.compile_check",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--full", action="store_true", help="every kept autotune config for every dtype / head dim")
+    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=False, help="every kept autotune config for every dtype / head dim")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
-    parser.add_argument("--list", action="store_true", help="list the variants without compiling")
+    parser.add_argument("--list", action=argparse.BooleanOptionalAction, default=False, help="list the variants without compiling")
     args = parser.parse_args(argv)
 
     cache_dir = tempfile.mkdtemp(prefix="randsac_compile_check_")

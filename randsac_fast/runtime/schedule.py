@@ -1,6 +1,8 @@
 """Learning-rate schedule: per-iteration linear warmup, then cosine decay to ``min_lr``.
 
 The schedule is a pure function of the optimizer step, so resuming needs only the step count.
+Hand-written on purpose: torch's LambdaLR / timm's CosineLRScheduler would add scheduler state to
+every checkpoint (and timm a CUDA torch build) for the same ten lines.
 """
 from __future__ import annotations
 

@@ -25,9 +25,10 @@ from .. import models, ops, orders
 from ..eval.knn import knn_accuracy, labelled_loaders
 from ..eval.probe import linear_probe_accuracy
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
-from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops
+from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops, require_wandb
 from ..runtime.parallel import init_distributed, parallelize
 from ..runtime.schedule import lr_at, scaled_lr, set_lr
+from ..runtime.summary import pretrain_summary, run_command
 
 
 class TrainingError(RuntimeError):
@@ -55,6 +56,9 @@ class Trainer:
         if t.batch_size < 1 or t.accum < 1:
             raise ValueError(f"--batch-size and --accum must be >= 1; got {t.batch_size} and {t.accum}")
         # ---- validate everything cheap before any process group or output exists -----------
+        if t.wandb:
+            require_wandb()
+        d.data = data_mod.pretraining_root(d.data)
         self.source = data_mod.open_source(d.data, m.img_size, d.synthetic_size, split="train")
         torch.manual_seed(t.seed)                    # identical initial weights on every rank
         model = models.build_from_config(m, self.source.channels, cfg.flags)
@@ -109,7 +113,9 @@ class Trainer:
                     set_rng_state(state, self.order_gen)
                 self.step, self.micro, self.last_ckpt = meta["step"], meta["micro"], path
                 self._say(f"resumed from {path} at step {self.step}")
-        self.metrics = MetricsLogger(t.out, self.dist.is_main, self.total_steps, self.step)
+        self.metrics = MetricsLogger(t.out, self.dist.is_main, self.total_steps, self.step,
+                                     config=config_mod.to_dict(cfg), metric_tags=("loss", "knn_top1"),
+                                     wandb={"project": t.wandb_project} if t.wandb else None)
         self.peak = peak_flops(self.device)
 
     def _say(self, text: str) -> None:
@@ -231,20 +237,16 @@ class Trainer:
 
 def main(argv=None) -> int:
     cfg = config_mod.parse_args(argv)
-    try:
-        trainer = Trainer(cfg)
-        trainer.train()
-        result = trainer.probe() if cfg.train.probe else None
-    except (ValueError, FileNotFoundError, TrainingError, ops.BackendUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if result is not None:
-        trained, random_init = result
-        print(f"linear probe accuracy: {trained:.4f} (random-init encoder: {random_init:.4f})", flush=True)
-    return 0
+    return run_command(lambda _: _run(cfg), errors=(ValueError, FileNotFoundError, ImportError, TrainingError,
+                                                    ops.BackendUnavailable))
+
+
+def _run(cfg: config_mod.Config) -> None:
+    trainer = Trainer(cfg)
+    trainer.train()
+    result = trainer.probe() if cfg.train.probe else None
+    if trainer.dist.is_main:
+        pretrain_summary(cfg.train.out, trainer.last_ckpt, cfg.data.data, result)
 
 
 if __name__ == "__main__":
