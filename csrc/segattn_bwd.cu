@@ -83,8 +83,9 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(SegAttnParams p, VecFlags 
   const KeyLoop loop = key_loop(seg_q, p.nq, seg_k, p.nk, inclusive, m0, kBlockRows, BN);
   for (int n0 = 0; n0 < loop.end; n0 += BN) {
     __syncthreads();  // every warp is done with the previous K/V tile (and the prologue is visible)
-    load_rows<T, D>(s_k, L::ldh, k, p.k_stride[2], n0, BN, p.nk, vec.k);
-    load_rows<T, D>(s_v, L::ldh, v, p.v_stride[2], n0, BN, p.nk, vec.v);
+    // As in the forward, keys hidden from the whole tile load as 0 (they may hold NaN / Inf).
+    load_rows<T, D>(s_k, L::ldh, k, p.k_stride[2], n0, BN, loop.end, vec.k);
+    load_rows<T, D>(s_v, L::ldh, v, p.v_stride[2], n0, BN, loop.end, vec.v);
     __syncthreads();
 
     const int w = warp * kWarpRows;
@@ -96,8 +97,9 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(SegAttnParams p, VecFlags 
     const int visible_end = s_kv[row] - n0;
     const float lse2 = s_lse[row], delta = s_delta[row];
     for (int c = half; c < BN; c += 2) {
-      const float prob = masked && c >= visible_end ? 0.f : exp2f(s_row[c] * scale_log2 - lse2);
-      ds_row[c] = from_float<T>(prob * (dp_row[c] - delta));
+      const bool hidden = masked && c >= visible_end;  // select, not multiply: 0 * NaN is NaN
+      const float prob = hidden ? 0.f : exp2f(s_row[c] * scale_log2 - lse2);
+      ds_row[c] = from_float<T>(hidden ? 0.f : prob * (dp_row[c] - delta));
     }
     __syncwarp();
 
@@ -202,9 +204,12 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(SegAttnParams p, VecFlag
     const bool masked = m0 < loop.unmasked_begin;
     const int first_visible = s_qs[row] - m0;  // columns c >= first_visible see this key
     for (int c = half; c < BM; c += 2) {
-      const float prob = masked && c < first_visible ? 0.f : exp2f(s_row[c] * scale_log2 - s_lse[c]);
+      // Hidden: masked, or a query row past nq. Selected, not multiplied: a key no query sees may
+      // be padding holding NaN / Inf, and 0 * NaN is NaN.
+      const bool hidden = (masked && c < first_visible) || m0 + c >= p.nq;
+      const float prob = hidden ? 0.f : exp2f(s_row[c] * scale_log2 - s_lse[c]);
       pt_row[c] = from_float<T>(prob);
-      dst_row[c] = from_float<T>(prob * (dp_row[c] - s_delta[c]));
+      dst_row[c] = from_float<T>(hidden ? 0.f : prob * (dp_row[c] - s_delta[c]));
     }
     __syncwarp();
 

@@ -65,8 +65,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(SegAttnParams p, VecFlags
   const KeyLoop loop = key_loop(seg_q, p.nq, seg_k, p.nk, inclusive, m0, kBlockRows, BN);
   for (int n0 = 0; n0 < loop.end; n0 += BN) {
     __syncthreads();  // every warp is done with the previous K/V tile
-    load_rows<T, D>(s_k, L::ldh, k, p.k_stride[2], n0, BN, p.nk, vec.k);
-    load_rows<T, D>(s_v, L::ldh, v, p.v_stride[2], n0, BN, p.nk, vec.v);
+    // Keys past loop.end (<= nk) are hidden from the whole tile: they load as 0, because they
+    // may be padding holding NaN / Inf, and a masked P of 0 times a NaN V would still be NaN.
+    load_rows<T, D>(s_k, L::ldh, k, p.k_stride[2], n0, BN, loop.end, vec.k);
+    load_rows<T, D>(s_v, L::ldh, v, p.v_stride[2], n0, BN, loop.end, vec.v);
     __syncthreads();
 
     warp_gemm_abt<T, BN, D>(s_s + warp * kWarpRows * L::lds, L::lds, s_q + warp * kWarpRows * L::ldh, L::ldh,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -85,13 +86,21 @@ class TrainConfig:
     out: str = doc("run directory: config, metrics.jsonl, checkpoints", "runs/default")
     steps: int | None = doc("optimizer steps to train (overrides epochs)")
     epochs: float = doc("epochs to train when steps is None", 1.0)
-    batch_size: int = doc("images per rank per micro-batch", 64)
-    accum: int = doc("gradient accumulation micro-batches per optimizer step", 1)
+    batch_size: int = doc("global batch: images per optimizer step over all processes (per rank: "
+                          "batch_size / (processes * accum); must divide exactly)", 256)
+    accum: int | None = doc("gradient accumulation micro-batches per optimizer step (None: the fewest "
+                            "that keep each rank's micro-batch within --micro-batch; 1 without it)")
+    micro_batch: int | None = doc("largest micro-batch per rank, for memory (None: no cap)")
     seed: int = doc("random seed (model init, data order, augmentation, segment orders)", 0)
     order: str = doc("segment-order spec, e.g. random, raster, square:16/4, blob:11/5", "square:16/4")
     resume: str | None = doc("'latest' (newest checkpoint in --out) or a checkpoint directory")
     ckpt_every: int = doc("save a checkpoint every K optimizer steps (0: only at the end)", 0)
     keep: int = doc("keep the last K checkpoints", 2)
+    allow_changed: bool = doc("resume although training settings (batch size, seed, order, lr, steps, ...) differ "
+                              "from the checkpoint's; each change is printed (model-shape changes never resume)",
+                              False)
+    force: bool = doc("start from scratch in an --out that already holds checkpoints (they are kept; the new run "
+                      "writes a new branch of checkpoints)", False)
     log_every: int = doc("log metrics every K optimizer steps", 10)
     compile: bool = doc("torch.compile each transformer block", False)
     ac: bool = doc("activation checkpointing of each transformer block", False)
@@ -118,7 +127,9 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-# Presets: the papers' settings (source next to each) and the built-in digits demo
+# Presets: the papers' settings (source next to each) and the built-in digits demo. Batch sizes are
+# global (all processes together), as the papers state them; the per-rank batch follows from the
+# world size (randsac_fast.runtime.batch), so a preset trains the same on any number of processes.
 # --------------------------------------------------------------------------------------------
 _CIFAR = dict(img_size=32, patch_size=4, data="cifar10", crop_scale=(0.2, 1.0), blr=1e-3,
               weight_decay=0.05, betas=(0.9, 0.999), batch_size=512, warmup_epochs=10, epochs=1600,
@@ -127,10 +138,11 @@ _CIFAR = dict(img_size=32, patch_size=4, data="cifar10", crop_scale=(0.2, 1.0), 
 PRESETS: dict[str, tuple[str, dict]] = {
     "digits": (
         "built-in demo: a tiny RandSAC ViT (4 encoder blocks, 1 decoder block, width 64) on the 8x8 "
-        "digits with 2x2 patches, pre-trained on 75% of the images, then a linear probe on the rest",
+        "digits with 2x2 patches, pre-trained on 75% of the images (square:4, global batch 128, 1000 steps), then "
+        "a linear probe on the rest beside the random-init encoder and raw pixels",
         dict(model="randsac_vit_tiny", img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=2,
              decoder_depth=1, decoder_num_heads=2, norm_pix=False, order="square:4", data="digits",
-             crop_scale=(0.8, 1.0), hflip=False, batch_size=64, blr=8e-3, betas=(0.9, 0.95),
+             crop_scale=(0.8, 1.0), hflip=False, batch_size=128, blr=8e-3, betas=(0.9, 0.95),
              weight_decay=0.05, warmup_steps=20, steps=1000, log_every=50, probe=True,
              out="runs/digits")),
     "randsac_cifar10_square": (
@@ -149,17 +161,19 @@ PRESETS: dict[str, tuple[str, dict]] = {
              out="runs/randsac_lowdata_vits")),
     "randsac_in100_vits": (
         "RandSAC (Hua et al.) App. D (ImageNet100 setting): ViT-S, 224x224, P=16 (14x14 tokens), "
-        "4-layer decoder with double the encoder's heads (12)",
+        "4-layer decoder with double the encoder's heads (12); global batch 1024 (the paper gives none: "
+        "128 per process on 8)",
         dict(model="randsac_vit_small", img_size=224, patch_size=16, decoder_depth=4,
              decoder_num_heads=12, order="square:16/4", data="imagenet100", crop_scale=(0.2, 1.0),
-             blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, warmup_epochs=10,
+             blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=1024, warmup_epochs=10,
              epochs=400, norm_pix=True, out="runs/randsac_in100_vits")),
     "randsac_in1k_vitb": (
         "RandSAC (Hua et al.) App. D.2: ViT-B, 192x192 pre-training, P=16, square 16->4, "
-        "8-layer decoder (MAE-style AdamW recipe, blr 1.5e-4, betas (0.9, 0.95))",
+        "8-layer decoder (MAE-style AdamW recipe, blr 1.5e-4, betas (0.9, 0.95)); global batch 1024 (the "
+        "paper gives none: 128 per process on 8)",
         dict(model="randsac_vit_base", img_size=192, patch_size=16, decoder_depth=8,
              order="square:16/4", data="imagenet", crop_scale=(0.2, 1.0), blr=1.5e-4,
-             weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, warmup_epochs=40, epochs=800,
+             weight_decay=0.05, betas=(0.9, 0.95), batch_size=1024, warmup_epochs=40, epochs=800,
              norm_pix=True, out="runs/randsac_in1k_vitb")),
     "saim_in1k_vitb": (
         "SAIM (Qi et al.) Sec. 4 + App. C Table 6: ViT-B, 224, query_depth 12, Gaussian blur 9 / "
@@ -167,7 +181,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
         "epochs, crop scale (0.67, 1)",
         dict(model="saim_vit_base", img_size=224, patch_size=16, query_depth=12, blur_kernel=9,
              blur_sigma=1.0, norm_pix=True, order="random", data="imagenet", crop_scale=(0.67, 1.0),
-             blr=2e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, warmup_epochs=30,
+             blr=2e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=2048, warmup_epochs=30,
              epochs=800, out="runs/saim_in1k_vitb")),
 }
 
@@ -260,7 +274,7 @@ def build_parser(preset: str = DEFAULT_PRESET, file_values: dict | None = None,
     will use given ``preset`` and the ``--config`` file's values."""
     presets = "\n".join(f"  {k}: {src}" for k, (src, _) in PRESETS.items())
     file_values = file_values or {}
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m randsac_fast.train",
         usage="%(prog)s [--preset NAME] [--config FILE] [--FIELD VALUE | --FLAG | --no-FLAG ...]",
         description="RandSAC / SAIM pre-training (FSDP2; torchrun for several processes). Values come "
@@ -476,3 +490,219 @@ def to_dict(cfg: Config) -> dict:
 
 def dumps(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: one declared rule per field (RULES), checked by validate() — every value a user
+# can type is refused with one line naming the flag, the value and what it must be.
+# --------------------------------------------------------------------------------------------
+class Rule:
+    """A constraint on one value: ``rule(value)`` -> None when it holds, else what it must be."""
+    complete = False         # True: the message names the fix without the field's doc
+
+    def __init__(self, test, must: str):
+        self.test, self.must = test, must
+
+    def __call__(self, value) -> str | None:
+        try:
+            return None if self.test(value) else self.must
+        except (TypeError, ValueError):
+            return self.must
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def at_least(n: int) -> Rule:
+    return Rule(lambda x: _is_int(x) and x >= n, f"an integer >= {n}")
+
+
+def integer() -> Rule:
+    return Rule(_is_int, "an integer")
+
+
+def positive() -> Rule:
+    return Rule(lambda x: _is_real(x) and x > 0, "a finite number > 0")
+
+
+def non_negative() -> Rule:
+    return Rule(lambda x: _is_real(x) and x >= 0, "a finite number >= 0")
+
+
+def boolean() -> Rule:
+    return Rule(lambda x: isinstance(x, bool), "true or false")
+
+
+def text() -> Rule:
+    return Rule(lambda x: isinstance(x, str) and x != "", "a non-empty string")
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda x: x in choices, f"one of {', '.join(choices)}")
+
+
+def optional(rule: Rule) -> Rule:
+    return Rule(lambda x: x is None or rule(x) is None, f"{rule.must}, or none")
+
+
+def each(rule: Rule, length: int | None = None) -> Rule:
+    count = f"{length} comma-separated values, each" if length else "comma-separated values, each"
+    return Rule(lambda x: isinstance(x, (tuple, list)) and len(x) >= 1 and (length is None or len(x) == length)
+                and all(rule(v) is None for v in x), f"{count} {rule.must}")
+
+
+def interval(low: float, high: float) -> Rule:
+    """A pair (a, b) with low < a <= b <= high."""
+    top = "" if math.isinf(high) else f" <= {high:g}"
+    return Rule(lambda x: isinstance(x, (tuple, list)) and len(x) == 2 and all(_is_real(v) for v in x)
+                and low < x[0] <= x[1] and x[1] <= high, f"two values a,b with {low:g} < a <= b{top}")
+
+
+def odd_or_zero() -> Rule:
+    return Rule(lambda x: _is_int(x) and (x in (0, 1) or (x >= 3 and x % 2 == 1)), "0 (off) or an odd size >= 3")
+
+
+def fraction() -> Rule:
+    return Rule(lambda x: _is_real(x) and 0 <= x < 1, "a number in [0, 1)")
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _writable_dir(path) -> str | None:
+    if not isinstance(path, str) or not path:
+        return "a directory path"
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "a directory, but it is a file — pass a directory (it is created if missing)"
+    base = _nearest_existing(path)
+    if not os.path.isdir(base):
+        return f"a directory, but {base} is a file — pass a path under a directory"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"a writable directory, but {base} is read-only — pass a directory you can write to"
+    return None
+
+
+def writable_dir() -> Rule:
+    """A directory (existing or to be created) that can be written; checked without writing."""
+    return _PathRule(_writable_dir)
+
+
+def _writable_file(path, create_parent: bool) -> str | None:
+    if not isinstance(path, str) or not path:
+        return "a file path"
+    if os.path.isdir(path):
+        return "a file, but it is a directory — pass a file name"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) and not create_parent:
+        return f"a file in an existing directory, but {parent} does not exist — create it first"
+    base = _nearest_existing(parent)
+    if not os.path.isdir(base):
+        return f"a file under a directory, but {base} is a file — pass another path"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"a writable file, but {base} is read-only — pass a path you can write to"
+    return None
+
+
+class _PathRule(Rule):
+    """A rule whose message names what is wrong with the path (file, read-only ancestor ...)."""
+    complete = True          # the message says the fix itself: no field doc appended
+
+    def __init__(self, check):
+        self.check, self.must = check, "a path"
+
+    def __call__(self, value) -> str | None:
+        return self.check(value)
+
+
+def writable_file(create_parent: bool = False) -> Rule:
+    """An output file whose directory exists (or, with ``create_parent``, can be created) and can
+    be written; checked without writing."""
+    return _PathRule(lambda path: _writable_file(path, create_parent))
+
+
+def _device(x) -> bool:
+    return x in ("auto", "cpu", "cuda")
+
+
+#: The constraint of every field (tests assert that each field has one).
+RULES: dict[str, Rule] = {
+    # model
+    "model": text(), "img_size": at_least(1), "patch_size": at_least(1),
+    "embed_dim": optional(at_least(1)), "depth": optional(at_least(1)), "num_heads": optional(at_least(1)),
+    "decoder_depth": optional(at_least(1)), "decoder_num_heads": optional(at_least(1)),
+    "query_depth": optional(at_least(1)), "share_weight": optional(boolean()),
+    "head": optional(one_of("mlp", "linear")), "skip_memory": optional(boolean()),
+    "blur_kernel": optional(odd_or_zero()), "blur_sigma": optional(positive()), "norm_pix": optional(boolean()),
+    "loss": optional(one_of("mse", "l1")),
+    "backend": one_of("auto", "reference", "sdpa", "flex", "xformers", "triton", "cuda"),
+    # data
+    "data": text(), "crop_scale": interval(0.0, 1.0), "crop_ratio": interval(0.0, math.inf), "hflip": boolean(),
+    "mean": optional(each(Rule(_is_real, "a finite number"))), "std": optional(each(positive())),
+    "workers": at_least(0), "synthetic_size": at_least(1), "knn_data": optional(text()),
+    # optim
+    "blr": positive(), "min_lr": non_negative(), "weight_decay": non_negative(), "betas": each(fraction(), 2),
+    "warmup_steps": optional(at_least(0)), "warmup_epochs": non_negative(), "clip_grad": optional(positive()),
+    # train
+    "out": writable_dir(), "steps": optional(at_least(1)), "epochs": positive(), "batch_size": at_least(1),
+    "accum": optional(at_least(1)), "micro_batch": optional(at_least(1)), "seed": integer(), "order": text(), "resume": optional(text()),
+    "ckpt_every": at_least(0), "keep": at_least(1), "log_every": at_least(1), "compile": boolean(),
+    "ac": boolean(), "probe": boolean(), "knn_every": at_least(0), "knn_k": at_least(1),
+    "knn_images": optional(at_least(1)), "device": Rule(_device, "auto, cpu or cuda"),
+    "wandb": boolean(), "wandb_project": text(), "allow_changed": boolean(), "force": boolean(),
+}
+
+
+def _shown(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return repr(value) if value == "" or not isinstance(value, (str, int, float)) else str(value)
+
+
+def check_value(name: str, value, rule: Rule, doc_text: str = "") -> None:
+    """Raise ValueError('--flag VALUE: must be ... (doc)') when ``value`` breaks ``rule``."""
+    must = rule(value)
+    if must is not None:
+        about = f" ({doc_text})" if doc_text and not rule.complete else ""
+        raise ValueError(f"{_flag(name)} {_shown(value)}: must be {must}{about}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field against its rule (and the few rules between fields); the first broken
+    one raises ValueError with one line naming the flag, the value and the fix."""
+    for sec, f in _fields(cfg):
+        check_value(f.name, getattr(sec, f.name), RULES[f.name], f.metadata.get("doc", ""))
+    d = cfg.data
+    if d.mean is not None and d.std is not None and len(d.mean) != len(d.std):
+        raise ValueError(f"--mean {_shown(d.mean)} and --std {_shown(d.std)}: give one value per channel to both")
+    return cfg
+
+
+def check_channels(cfg: Config, channels: int) -> None:
+    """--mean / --std must give one value per channel of the data."""
+    for name in ("mean", "std"):
+        value = getattr(cfg.data, name)
+        if value is not None and len(value) != channels:
+            raise ValueError(f"--{name} {_shown(value)}: the data has {channels} channel(s); give {channels} "
+                             f"comma-separated value(s) (or none: the data set's own)")
+
+
+def check_args(args: argparse.Namespace, rules: dict[str, Rule]) -> None:
+    """The same checks for another command's parsed flags (``rules``: dest name -> rule)."""
+    for name, rule in rules.items():
+        check_value(name, getattr(args, name), rule)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage of ~50 flags would bury it); exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

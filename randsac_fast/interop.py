@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -571,11 +573,13 @@ def load_model(path: str, name: str | None = None, *, backend: str = "auto", **o
         if not os.path.exists(os.path.join(path, "meta.json")):
             raise FileNotFoundError(f"{path} is a directory but not a complete checkpoint (no meta.json); pass a "
                                     "step_XXXXXXXX directory or a state-dict file")
-        model, meta = _load_dcp(path, name, backend, overrides)
-        return model.eval(), meta
+        with _unreadable(path):
+            model, meta = _load_dcp(path, name, backend, overrides)
+        return _check_finite(model, path).eval(), meta
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    with _unreadable(path):
+        sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
     family = _family(sd)
     if family == "saim_official":
         if name is not None and not name.startswith("saim"):
@@ -593,7 +597,29 @@ def load_model(path: str, name: str | None = None, *, backend: str = "auto", **o
     build = {**_infer_overrides(sd, family), **overrides}
     model = models.build(name, backend=backend, **build)
     _load_strict(model, sd, path)
-    return model.eval(), {}
+    return _check_finite(model, path).eval(), {}
+
+
+@contextlib.contextmanager
+def _unreadable(path: str):
+    """Turn a reader's failure on a damaged file (truncated, not a checkpoint, flipped bytes) into
+    one ValueError line; our own ValueErrors (wrong model, missing keys) pass unchanged."""
+    try:
+        yield
+    except ValueError:
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, AttributeError, OSError) as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is damaged or not "
+                         "a checkpoint — pass an intact step_XXXXXXXX directory or state-dict file") from None
+
+
+def _check_finite(model: nn.Module, path: str) -> nn.Module:
+    """Refuse weights holding NaN / Inf (a diverged run): every result computed from them is noise."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"checkpoint {path} holds non-finite weights (NaN / Inf in {_listing(bad, 3)}); it comes "
+                         "from a diverged run — pass an earlier checkpoint of that run")
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,9 +658,10 @@ def _add_norm_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m randsac_fast.interop",
-                                description="Export a RandSAC / SAIM checkpoint: the encoder for timm, or the "
-                                            "whole model as a save_pretrained directory.")
+    from . import config as config_mod
+    p = config_mod.Parser(prog="python -m randsac_fast.interop",
+                          description="Export a RandSAC / SAIM checkpoint: the encoder for timm, or the "
+                                      "whole model as a save_pretrained directory.")
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write the encoder as a timm VisionTransformer (weights + config.json)")
     add_checkpoint_args(ex)
@@ -657,6 +684,8 @@ def main(argv=None) -> int:
     args.mean, args.std = flat(args.mean), flat(args.std)
 
     def export(_):
+        as_file = args.command == "export" and args.out.endswith(_WEIGHT_SUFFIXES)
+        config_mod.check_args(args, {"out": config_mod.writable_file() if as_file else config_mod.writable_dir()})
         if (args.mean is None) != (args.std is None):
             raise ValueError("pass --mean and --std together (or neither, for the run's own)")
         model, meta = load_model(args.ckpt, args.model, backend=args.backend, **parse_sets(args.set))
@@ -670,7 +699,6 @@ def main(argv=None) -> int:
             return
         cfg = export_timm(model, args.out, mean, std, fc_norm=args.fc_norm, safetensors=args.safetensors)
         arch, kwargs, pre_cfg = cfg["architecture"], cfg["model_args"], cfg["pretrained_cfg"]
-        as_file = args.out.endswith(_WEIGHT_SUFFIXES)
         rows = {"checkpoint": args.ckpt, "timm weights": args.out if as_file else os.path.join(args.out, "model.safetensors"),
                 "timm config": os.path.splitext(args.out)[0] + ".json" if as_file else os.path.join(args.out, "config.json"),
                 "architecture": arch, "mean / std": f"{pre_cfg['mean']} / {pre_cfg['std']}"}
@@ -681,7 +709,7 @@ def main(argv=None) -> int:
         else:
             hint = f"model = timm.create_model({'local-dir:' + args.out!r}, pretrained=True)"
         print_summary("timm export done", rows, {"load in timm": hint})
-    return run_command(export, errors=(ValueError, TypeError, FileNotFoundError, ImportError))
+    return run_command(export, errors=(ValueError, TypeError, OSError, ImportError))
 
 
 if __name__ == "__main__":

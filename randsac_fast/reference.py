@@ -16,6 +16,8 @@ from torch import Tensor
 
 __all__ = [
     "visibility",
+    "seen_keys",
+    "hide_unseen_keys",
     "segment_attention",
     "gaussian_kernel2d",
     "gaussian_blur",
@@ -47,6 +49,28 @@ def visibility(seg_q: Tensor, seg_k: Tensor, inclusive: bool) -> Tensor:
     return sk <= sq if inclusive else sk < sq
 
 
+def seen_keys(seg_q: Tensor, seg_k: Tensor, inclusive: bool) -> Tensor:
+    """[B, Nk] bool: key j is visible to at least one query (any order of the ids; O(N)).
+
+    Query i sees key j iff seg_k[j] <= seg_q[i] (< if strict), so some query sees it iff the
+    comparison holds for the largest seg_q of the row."""
+    if seg_q.shape[1] == 0:
+        return torch.zeros(seg_k.shape, dtype=torch.bool, device=seg_k.device)
+    top = seg_q.amax(dim=1, keepdim=True)
+    return seg_k <= top if inclusive else seg_k < top
+
+
+def hide_unseen_keys(k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Tensor, inclusive: bool) -> tuple[Tensor, Tensor]:
+    """k, v [B, H, Nk, D] with the keys no query sees (padding) set to 0.
+
+    Such keys may hold anything, NaN or Inf included; a masked score or probability is 0, but
+    0 * NaN is NaN, so their values must not enter a product. ``torch.where`` (not a
+    multiplication) also gives them exactly zero gradient."""
+    seen = seen_keys(seg_q, seg_k, inclusive)[:, None, :, None]
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    return torch.where(seen, k, zero), torch.where(seen, v, zero)
+
+
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Tensor, *,
                       inclusive: bool, scale: float | None = None) -> Tensor:
     """softmax(q k^T * scale + mask) v with the segment mask; fully masked rows give 0.
@@ -56,11 +80,13 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Ten
     if scale is None:
         scale = q.shape[-1] ** -0.5
     mask = visibility(seg_q, seg_k, inclusive)[:, None]          # [B, 1, Nq, Nk]
+    k, v = hide_unseen_keys(k, v, seg_q, seg_k, inclusive)       # padding may hold NaN / Inf
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    # A finite fill keeps fully masked rows finite (uniform) in forward *and* backward; the
-    # multiplication by the mask then sets them — and their gradients — exactly to zero.
+    # A finite fill keeps fully masked rows finite (uniform) in forward *and* backward; selecting
+    # with the mask (torch.where: a NaN times 0 would stay NaN) then sets them — and their
+    # gradients — exactly to zero.
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1) * mask
+    probs = torch.where(mask, torch.softmax(scores, dim=-1), torch.zeros((), dtype=scores.dtype, device=scores.device))
     return torch.matmul(probs, v)
 
 

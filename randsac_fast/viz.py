@@ -18,7 +18,6 @@ matplotlib is needed (pip install matplotlib); figures are drawn with the Agg ba
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -177,10 +176,14 @@ class _Files:
 
     def load(self, i: int) -> Tensor:
         from PIL import Image
+
+        from .data import decode_rgb
         with Image.open(self.paths[i]) as img:
-            arr = np.asarray(img.convert("RGB" if self.channels == 3 else "L"), dtype=np.float32) / 255.0
-        t = torch.from_numpy(arr)
-        return t.permute(2, 0, 1) if t.dim() == 3 else t[None]
+            rgb = decode_rgb(img)                   # 16-bit images scaled by their depth
+        if self.channels == 3:
+            return rgb
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)   # Pillow's "L" weights (ITU-R 601-2)
+        return (rgb * luma).sum(dim=0, keepdim=True)
 
     def label(self, i: int) -> int:
         return 0
@@ -217,6 +220,10 @@ def load_images(images: list[str], img_size: int, channels: int, n: int, mean=No
         raise ValueError(f"the images have {source.channels} channel(s) but the model takes {channels}; "
                          "pass images of the kind it was trained on")
     mean, std = tuple(mean or source.mean), tuple(std or source.std)
+    for flag, stat in (("--mean", mean), ("--std", std)):
+        if len(stat) != channels:
+            raise ValueError(f"{flag} {','.join(map(str, stat))}: the model takes {channels} channel(s); give one "
+                             "value per channel")
     x, labels = data.eval_images(source, img_size, mean, std, indices=indices)
     if isinstance(source, (_Files, data.SyntheticSource)):
         labels = None                                  # files and synthetic images have no classes
@@ -293,8 +300,9 @@ def _default_order(model, meta: dict) -> str:
 # CLI
 # --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    from . import config as config_mod
     from .interop import add_checkpoint_args, load_model, parse_sets
-    p = argparse.ArgumentParser(prog="python -m randsac_fast.viz", description="Figures: orders, reconstructions.")
+    p = config_mod.Parser(prog="python -m randsac_fast.viz", description="Figures: orders, reconstructions.")
     sub = p.add_subparsers(dest="command", required=True)
     o = sub.add_parser("orders", help="sampled segment orders (RandSAC Figures 2 and 3)")
     o.add_argument("--spec", required=True, help="order spec, e.g. blob:11/5, square:16/4, random")
@@ -318,10 +326,14 @@ def main(argv=None) -> int:
     for name in ("grid", "images", "mean", "std"):
         if hasattr(args, name):
             setattr(args, name, flat(getattr(args, name)))
+    rules = {"n": config_mod.at_least(1), "seed": config_mod.integer(), "out": config_mod.writable_file(True)}
+    if args.command == "orders":
+        rules["grid"] = config_mod.each(config_mod.at_least(1))
+    else:
+        rules.update(mean=config_mod.RULES["mean"], std=config_mod.RULES["std"])
 
     def draw(_):
-        if args.n < 1:
-            raise ValueError(f"--n must be at least 1; got {args.n}")
+        config_mod.check_args(args, rules)
         if args.command == "orders":
             grid = args.grid[0] if len(args.grid) == 1 else tuple(args.grid)
             out = plot_orders(args.spec, grid, args.out, n=args.n, seed=args.seed)
@@ -334,7 +346,7 @@ def main(argv=None) -> int:
             out = plot_recon(model, images, args.out, spec=args.order or _default_order(model, meta),
                              mean=mean, std=std, seed=args.seed, labels=labels)
         print_summary(f"figure done ({args.command})", {"checkpoint": getattr(args, "ckpt", None), "figure": out})
-    return run_command(draw, errors=(ValueError, TypeError, FileNotFoundError, ImportError))
+    return run_command(draw, errors=(ValueError, TypeError, OSError, ImportError))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from randsac_fast.ops import selfcheck
+
 
 def random_seg(batch: int, n: int, max_segments: int, generator: torch.Generator) -> torch.Tensor:
     """[B, N] int32 sorted, compact segment ids starting at 0 with a random number of segments."""
@@ -18,13 +20,13 @@ def random_seg(batch: int, n: int, max_segments: int, generator: torch.Generator
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
+    return selfcheck.max_err(a, b)
 
 
 def assert_close_by_rule(fast: torch.Tensor, plain: torch.Tensor, ref64: torch.Tensor, *, factor: float = 3.0,
                          floor: float = 1e-6, what: str = "") -> None:
-    """FlashAttention rule: |fast - ref64| <= factor * |plain - ref64| + floor, where ``plain`` is
-    plain PyTorch in the same dtype as ``fast``."""
-    e_fast, e_plain = max_err(fast, ref64), max_err(plain, ref64)
+    """FlashAttention rule (the package's one copy, :func:`randsac_fast.ops.selfcheck.close_by_rule`):
+    |fast - ref64| <= factor * |plain - ref64| + floor, ``plain`` = plain PyTorch in fast's dtype."""
     assert torch.isfinite(fast).all(), f"{what}: non-finite values"
-    assert e_fast <= factor * e_plain + floor, f"{what}: error {e_fast:.3e} > {factor} x plain {e_plain:.3e} + {floor}"
+    ok, e_fast, e_plain = selfcheck.close_by_rule(fast, plain, ref64, factor=factor, floor=floor)
+    assert ok, f"{what}: error {e_fast:.3e} > {factor} x plain {e_plain:.3e} + {floor}"

@@ -105,12 +105,33 @@ def cifar(root: str) -> TensorSource:
         if not os.path.exists(path):
             raise DataError(f"CIFAR file {path} is missing; expected the python-pickle layout "
                             "(cifar-10-batches-py or cifar-100-python)")
+        pixels, batch_labels = read_cifar_pickle(path, key)
+        data.append(pixels)
+        labels.extend(batch_labels)
+    images = torch.from_numpy(np.concatenate(data)).float() / 255.0
+    return TensorSource(name, images, torch.tensor(labels), CIFAR_MEAN, CIFAR_STD)
+
+
+def read_cifar_pickle(path: str, label_key: bytes) -> tuple[np.ndarray, list[int]]:
+    """One CIFAR python-pickle file -> (uint8 images [n, 3, 32, 32], n integer labels).
+
+    Anything else (truncated, another pickle, wrong sizes) is a DataError naming the file."""
+    def bad(why: str) -> DataError:
+        return DataError(f"CIFAR file {path} is not a CIFAR python pickle ({why}); re-download the python version "
+                         "of the data set (cifar-10-python.tar.gz / cifar-100-python.tar.gz) and extract it again")
+    try:
         with open(path, "rb") as fh:
             batch = pickle.load(fh, encoding="bytes")
-        data.append(np.asarray(batch[b"data"], dtype=np.uint8))
-        labels.extend(batch[key])
-    images = torch.from_numpy(np.concatenate(data)).reshape(-1, 3, 32, 32).float() / 255.0
-    return TensorSource(name, images, torch.tensor(labels), CIFAR_MEAN, CIFAR_STD)
+    except Exception as e:  # unpickling garbage can raise almost anything
+        raise bad(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise bad(f"expected a dict with keys b'data' and {label_key!r}")
+    pixels, labels = np.asarray(batch[b"data"]), list(batch[label_key])
+    if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
+        raise bad(f"data is {pixels.dtype} {pixels.shape}, expected uint8 [n, 3072]")
+    if len(labels) != pixels.shape[0] or not all(isinstance(v, (int, np.integer)) and v >= 0 for v in labels):
+        raise bad(f"{len(labels)} labels for {pixels.shape[0]} images, or labels that are not integers >= 0")
+    return pixels.reshape(-1, 3, 32, 32), [int(v) for v in labels]
 
 
 class ImageFolderSource:
@@ -140,16 +161,31 @@ class ImageFolderSource:
         path = self.files[i][0]
         try:
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                return decode_rgb(im)
         except Exception as e:  # truncated, not an image, unreadable: skip it, say which
             warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
             return None
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
     def label(self, i: int) -> int:
         return self.files[i][1]
 
 
+def decode_rgb(im) -> Tensor:
+    """A Pillow image -> float [3, H, W] in [0, 1].
+
+    Pillow's ``convert("RGB")`` clips 16-bit grey images (modes I;16*, and I as PNG opens them)
+    at 255, i.e. near-white; they are scaled by their bit depth here instead. Float images (F)
+    have no agreed range and are refused."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im).astype(np.float32)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"{im.mode} image values span {arr.min():g}..{arr.max():g}, outside 16-bit 0..65535")
+        grey = torch.from_numpy(arr / 65535.0)
+        return grey.expand(3, *grey.shape).contiguous()
+    if im.mode == "F":
+        raise ValueError("floating-point (mode F) images have no agreed value range; convert them to 8- or 16-bit")
+    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 def pretraining_root(data: str) -> str:
     """``--data`` of pre-training: an evaluation root (``train/`` and ``val/`` side by side) means
     its ``train/`` -- taken as an ImageFolder it would be two classes of images, train and val.

@@ -31,11 +31,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import config as config_mod
 from .. import data as data_mod
 from .. import interop
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
-from .linprobe import (add_run_args, check_channels, cli, eval_transform, evaluate, labelled_splits, load_encoder,
-                       metrics_logger, norm_stats, summarise)
+from .linprobe import (RUN_RULES, add_run_args, check_channels, cli, eval_transform, evaluate, labelled_splits,
+                       load_encoder, metrics_logger, norm_stats, summarise)
 from ..runtime.metrics import require_wandb
 from ..runtime.summary import write_results
 from ..runtime.parallel import init_distributed, parallelize
@@ -269,7 +270,7 @@ class FinetuneAugment:
 # CLI
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m randsac_fast.finetune",
+    p = config_mod.Parser(prog="python -m randsac_fast.finetune",
                                 description="Fine-tune a RandSAC / SAIM encoder for classification (FSDP2; "
                                             "torchrun for several processes).")
     interop.add_checkpoint_args(p)
@@ -297,9 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+FINETUNE_RULES = {**RUN_RULES, "steps": config_mod.optional(config_mod.at_least(1)),
+                  "weight_decay": config_mod.non_negative(),
+                  "layer_decay": config_mod.Rule(lambda x: 0 < x <= 1, "a number in (0, 1]"),
+                  "drop_path": config_mod.fraction(), "smoothing": config_mod.fraction(),
+                  "mixup": config_mod.non_negative(), "cutmix": config_mod.non_negative(),
+                  "clip_grad": config_mod.optional(config_mod.positive())}
+
+
 def run(argv=None) -> dict:
     """Fine-tune; returns the final {'top1', 'top5', 'losses', ...}. Raises on bad input."""
     args = build_parser().parse_args(argv)
+    config_mod.check_args(args, FINETUNE_RULES)
     if args.batch_size < 1 or (args.batch_size % 2 and (args.mixup > 0 or args.cutmix > 0)):
         raise ValueError(f"--batch-size must be a positive even number with mixup / cutmix (images are mixed in "
                          f"pairs); got {args.batch_size}")

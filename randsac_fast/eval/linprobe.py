@@ -26,17 +26,16 @@ import argparse
 import json
 import math
 import os
-import pickle
 import sys
 import time
 import warnings
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import config as config_mod
 from .. import data as data_mod
 from .. import interop, ops
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
@@ -59,10 +58,9 @@ def _cifar_test(root: str) -> data_mod.TensorSource:
     if not os.path.exists(path):
         raise data_mod.DataError(f"CIFAR test file {path} is missing; evaluation needs the test split of "
                                  "the python-pickle layout (cifar-10-batches-py or cifar-100-python)")
-    with open(path, "rb") as fh:
-        batch = pickle.load(fh, encoding="bytes")
-    images = torch.from_numpy(np.asarray(batch[b"data"], dtype=np.uint8)).reshape(-1, 3, 32, 32).float() / 255
-    return data_mod.TensorSource(f"cifar{'10' if ten else '100'}-test", images, torch.tensor(batch[key]),
+    pixels, labels = data_mod.read_cifar_pickle(path, key)
+    images = torch.from_numpy(pixels).float() / 255
+    return data_mod.TensorSource(f"cifar{'10' if ten else '100'}-test", images, torch.tensor(labels),
                                  data_mod.CIFAR_MEAN, data_mod.CIFAR_STD)
 
 
@@ -179,7 +177,7 @@ class ProbeHead(nn.Sequential):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m randsac_fast.linprobe",
+    p = config_mod.Parser(prog="python -m randsac_fast.linprobe",
                                 description="Linear probe of a frozen RandSAC / SAIM encoder (torchrun for "
                                             "several processes).")
     interop.add_checkpoint_args(p)
@@ -219,11 +217,20 @@ def metrics_logger(args, enabled: bool, total: int, step: int) -> MetricsLogger:
                          wandb={"project": args.wandb_project} if args.wandb else None)
 
 
+#: Constraints of the flags every evaluation command shares (add_run_args) and of the probe's.
+RUN_RULES = {"out": config_mod.writable_dir(), "epochs": config_mod.positive(),
+             "warmup_epochs": config_mod.non_negative(), "batch_size": config_mod.at_least(1),
+             "blr": config_mod.positive(), "min_lr": config_mod.non_negative(),
+             "ckpt_every": config_mod.at_least(1), "keep": config_mod.at_least(1),
+             "eval_every": config_mod.at_least(1), "log_every": config_mod.at_least(1),
+             "workers": config_mod.at_least(0), "seed": config_mod.integer(),
+             "device": config_mod.RULES["device"]}
+
+
 def run(argv=None) -> dict:
     """Train the probe; returns the final {'top1', 'top5', ...}. Raises on bad input."""
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.epochs <= 0:
-        raise ValueError(f"--batch-size and --epochs must be positive; got {args.batch_size} and {args.epochs}")
+    config_mod.check_args(args, RUN_RULES)
     # ---- cheap validation before any process group exists -----------------------------------
     if args.wandb:
         require_wandb()
@@ -334,7 +341,7 @@ def cli(run_fn, argv=None, summarise=None) -> int:
         result = run_fn(argv)
         if summarise is not None and dist.is_initialized() and dist.get_rank() == 0:
             summarise(run_fn.__module__, argv, result)
-    return run_command(body, argv, errors=(ValueError, FileNotFoundError, TypeError, ImportError,
+    return run_command(body, argv, errors=(ValueError, TypeError, OSError, ImportError,
                                            ops.BackendUnavailable))
 
 

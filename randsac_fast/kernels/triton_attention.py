@@ -80,8 +80,11 @@ def _fwd_tile(q, k_ptrs, v_ptrs, start_n, N_K, kv_len, m_i, l_i, acc, offs_n, of
     """One key tile of the online softmax. MASKED: the tile straddles some row's kv_len."""
     cols = start_n + offs_n
     # Unmasked tiles lie below some row's kv_len <= N_K; only a boundary tile can run past N_K.
-    k = _load_rows(k_ptrs + cols[:, None] * stride_kn, cols, N_K, offs_d, HEAD_DIM, BLOCK_D, MASKED)   # [BN, D]
-    v = _load_rows(v_ptrs + cols[:, None] * stride_vn, cols, N_K, offs_d, HEAD_DIM, BLOCK_D, MASKED)   # [BN, D]
+    # A boundary tile loads the keys no row of the tile sees (padding) as 0: they may hold NaN,
+    # and a masked p of 0 times a NaN v would still be NaN.
+    k_end = tl.max(kv_len, 0) if MASKED else N_K
+    k = _load_rows(k_ptrs + cols[:, None] * stride_kn, cols, k_end, offs_d, HEAD_DIM, BLOCK_D, MASKED)   # [BN, D]
+    v = _load_rows(v_ptrs + cols[:, None] * stride_vn, cols, k_end, offs_d, HEAD_DIM, BLOCK_D, MASKED)   # [BN, D]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2                        # [BM, BN]
     if MASKED:
         s = tl.where(cols[None, :] < kv_len[:, None], s, float("-inf"))
@@ -188,6 +191,8 @@ def _dkdv_tile(k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, kv_ptr, start_m, cols,
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)                          # [BN, BM]
     dst = pt * (dpt - delta[None, :])
+    if MASKED:   # select, not multiply: a hidden key's v may be NaN, and 0 * NaN is NaN
+        dst = tl.where(cols[:, None] < kv_len[None, :], dst, 0.0)
     dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -248,14 +253,17 @@ def _dq_tile(q, do, lse, delta, k_ptrs, v_ptrs, start_n, N_K, kv_len, dq, offs_n
              MASKED: tl.constexpr):
     """One key tile's contribution to a query tile's dQ."""
     cols = start_n + offs_n
-    k = _load_rows(k_ptrs + cols[:, None] * stride_kn, cols, N_K, offs_d, HEAD_DIM, BLOCK_D, MASKED)   # [BN, D]
-    v = _load_rows(v_ptrs + cols[:, None] * stride_vn, cols, N_K, offs_d, HEAD_DIM, BLOCK_D, MASKED)   # [BN, D]
+    k_end = tl.max(kv_len, 0) if MASKED else N_K      # as in the forward: hidden keys load as 0
+    k = _load_rows(k_ptrs + cols[:, None] * stride_kn, cols, k_end, offs_d, HEAD_DIM, BLOCK_D, MASKED)   # [BN, D]
+    v = _load_rows(v_ptrs + cols[:, None] * stride_vn, cols, k_end, offs_d, HEAD_DIM, BLOCK_D, MASKED)   # [BN, D]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2            # [BM, BN]
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         p = tl.where(cols[None, :] < kv_len[:, None], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if MASKED:
+        ds = tl.where(cols[None, :] < kv_len[:, None], ds, 0.0)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 

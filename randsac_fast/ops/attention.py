@@ -7,7 +7,9 @@ Contract (shared by every backend):
 * seg_q: [B, Nq], seg_k: [B, Nk], int32, each row non-decreasing. Key j is visible to query i
   iff ``seg_k[j] <= seg_q[i]`` (``inclusive=True``) or ``seg_k[j] < seg_q[i]`` (strict). Because
   the rows are sorted, the visible keys of a query are a prefix of the key sequence.
-* Padding: keys whose seg id is larger than every real query's (a sentinel) are invisible.
+* Padding: keys whose seg id is larger than every real query's (a sentinel) are invisible, and a
+  key no query sees may hold anything (NaN / Inf): it changes no output and gets zero gradient.
+  With the data checks on (``ops.set_checks``), non-finite q, or k / v at a seen key, is refused.
 * A query that sees no key (strict mask, first segment) gets output 0 and zero gradient.
 * Returns [B, H, Nq, D] in q's dtype.
 """
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ._dispatch import auto_order, checks_enabled, lazy, resolve
+from . import _validate, cases
+from ._dispatch import checks_enabled, lazy, register, resolve
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -33,6 +36,7 @@ def _sdpa(q, k, v, seg_q, seg_k, inclusive, scale):
     # Rows that see nothing: unmask them so SDPA stays finite, then zero their output. Their
     # output gradient is then zero, so they add nothing to dq, dk or dv.
     seen = mask.any(dim=-1, keepdim=True)                              # [B, 1, Nq, 1]
+    k, v = reference.hide_unseen_keys(k, v, seg_q, seg_k, inclusive)  # padding may hold NaN / Inf
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~seen, scale=scale)
     return torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
@@ -45,6 +49,8 @@ _TABLE = {
     "triton": lazy("ops.attention_triton", "segment_attention_triton"),
     "cuda": lazy("ops.attention_cuda", "segment_attention_cuda"),
 }
+register("segment_attention", _TABLE, fast=("triton", "cuda"), fallback=("sdpa",), check=cases.attention_check, timing=cases.attention_timing,
+         trusted=("reference", "sdpa"))
 
 
 def check_seg(seg: Tensor, name: str, batch: int, length: int, device, check_sorted: bool | None) -> None:
@@ -84,8 +90,6 @@ def validate(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Tensor, scal
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     check_seg(seg_q, "seg_q", B, Nq, q.device, check_sorted)
     check_seg(seg_k, "seg_k", B, k.shape[2], q.device, check_sorted)
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive number or None (1/sqrt(D)); got {scale!r}")
 
 
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Tensor, *,
@@ -93,15 +97,19 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Ten
                       check_sorted: bool | None = None) -> Tensor:
     """Segment-causal attention (see the module docstring for the contract).
 
-    backend: ``auto`` (triton, then cuda, on CUDA tensors; sdpa elsewhere), ``reference``,
+    backend: ``auto`` (on CUDA tensors the fastest of triton, cuda and sdpa that passed its one-time
+    self-check on this device; sdpa elsewhere — see :mod:`randsac_fast.ops.selfcheck`), ``reference``,
     ``sdpa``, ``flex``, ``xformers``, ``triton``, ``cuda``. ``check_sorted`` overrides the global
     switch (:func:`randsac_fast.ops.set_checks`) for the one sync-costing check.
     """
     validate(q, k, v, seg_q, seg_k, scale, check_sorted)
+    inclusive, scale = _validate.attention_args(q, k, v, seg_q, seg_k, inclusive, scale, check_sorted)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    layout = "contiguous" if q.is_contiguous() and k.is_contiguous() and v.is_contiguous() else "strided"
     fn = resolve("segment_attention", backend, _TABLE, q.device,
-                 auto_order(q.device, ("triton", "cuda"), ("sdpa",)))
+                 dtype=q.dtype, structure=(q.shape[-1], bool(inclusive), layout),
+                 shape=(q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     return fn(q, k, v, seg_q, seg_k, bool(inclusive), float(scale))
 
 

@@ -15,6 +15,8 @@ import functools
 import torch
 from torch import Tensor
 
+from .. import reference
+
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError as e:  # torch < 2.5
@@ -56,4 +58,5 @@ def segment_attention_flex(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k
     if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise NotImplementedError("segment_attention backend 'flex' has no backward on CPU (FlexAttention "
                                   "limitation); use backend='sdpa' or run under torch.no_grad()")
+    k, v = reference.hide_unseen_keys(k, v, seg_q, seg_k, inclusive)  # padding may hold NaN / Inf
     return flex_segment_attention(q, k, v, segment_block_mask(seg_q, seg_k, inclusive), scale)

@@ -36,6 +36,7 @@ def segment_attention_xformers(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, s
                                inclusive: bool, scale: float) -> Tensor:
     """q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D]; contract in :mod:`randsac_fast.ops.attention`."""
     bias, seen = segment_bias(seg_q, seg_k, inclusive, q.shape[1], q.dtype)
+    k, v = reference.hide_unseen_keys(k, v, seg_q, seg_k, inclusive)  # padding may hold NaN / Inf
     # xformers takes [B, M, H, K]: a transposed view, no copy (the last dim stays contiguous).
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                           attn_bias=bias, scale=scale)      # [B, Nq, H, D]

@@ -8,12 +8,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import reference
-from ._dispatch import auto_order, lazy, resolve
+from . import _validate, cases
+from ._dispatch import lazy, register, resolve
 
 _TABLE = {
     "reference": lambda: reference.skip_memory,
     "triton": lazy("ops.skip_triton", "skip_memory_triton"),
 }
+register("skip_memory", _TABLE, fast=("triton",), fallback=("reference",), check=cases.skip_check, timing=cases.skip_timing)
 
 
 def skip_memory(hidden: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor:
@@ -25,6 +27,9 @@ def skip_memory(hidden: Tensor, weight: Tensor, *, backend: str = "auto") -> Ten
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if not hidden.is_floating_point() or not weight.is_floating_point():
         raise TypeError(f"hidden and weight must be floating point; got {hidden.dtype}, {weight.dtype}")
+    _validate.skip_args(hidden, weight)
+    lenc, b, n, d = hidden.shape
     fn = resolve("skip_memory", backend, _TABLE, hidden.device,
-                 auto_order(hidden.device, ("triton",), ("reference",)))
+                 dtype=hidden.dtype, structure=(lenc, weight.shape[0], d, str(weight.dtype).removeprefix("torch.")),
+                 shape=(b, n))
     return fn(hidden, weight)

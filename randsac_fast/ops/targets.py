@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._dispatch import auto_order, checks_enabled, lazy, resolve
+from . import _validate, cases
+from ._dispatch import checks_enabled, lazy, register, resolve
 
 
 def _targets_torch(images, patch_size, blur_kernel, blur_sigma, norm_pix, perm):
@@ -32,6 +33,8 @@ _LOSS = {
     "reference": lambda: _loss_torch,
     "triton": lazy("ops.targets_triton", "patch_loss_triton"),
 }
+register("patch_targets", _TARGETS, fast=("triton",), fallback=("reference",), check=cases.targets_check, timing=cases.targets_timing)
+register("patch_loss", _LOSS, fast=("triton",), fallback=("reference",), check=cases.loss_check, timing=cases.loss_timing)
 
 
 def masked_patch_loss(pred: Tensor, target: Tensor, valid: Tensor | None, loss: str) -> Tensor:
@@ -62,8 +65,6 @@ def validate_images(images: Tensor, patch_size: int, blur_kernel: int, blur_sigm
                              f"resize or crop to a multiple of {patch_size}")
     if blur_kernel not in (0, 1) and (blur_kernel < 0 or blur_kernel % 2 == 0):
         raise ValueError(f"blur_kernel must be 0 (no blur) or an odd size >= 3; got {blur_kernel}")
-    if blur_kernel > 1 and not blur_sigma > 0:
-        raise ValueError(f"blur_sigma must be > 0; got {blur_sigma}")
 
 
 def validate_perm(perm: Tensor, batch: int, num_tokens: int, device) -> None:
@@ -80,11 +81,14 @@ def patch_targets(images: Tensor, patch_size: int, *, blur_kernel: int = 0, blur
                   norm_pix: bool = True, perm: Tensor | None = None, backend: str = "auto") -> Tensor:
     """Regression targets, float32 [B, N, P*P*C] (or [B, N', ...] gathered by ``perm``)."""
     validate_images(images, patch_size, blur_kernel, blur_sigma)
+    norm_pix = _validate.target_args(images, patch_size, blur_kernel, blur_sigma, norm_pix)
     b, _, h, w = images.shape
     if perm is not None:
         validate_perm(perm, b, (h // patch_size) * (w // patch_size), images.device)
     fn = resolve("patch_targets", backend, _TARGETS, images.device,
-                 auto_order(images.device, ("triton",), ("reference",)))
+                 dtype=images.dtype, structure=(images.shape[1], patch_size, int(blur_kernel), bool(norm_pix),
+                                                perm is not None),
+                 shape=(b, h, w, perm.shape[1] if perm is not None else 0))
     return fn(images, patch_size, int(blur_kernel), float(blur_sigma), bool(norm_pix), perm)
 
 
@@ -99,6 +103,7 @@ def patch_loss(pred: Tensor, images: Tensor, patch_size: int, perm: Tensor, vali
     w.r.t. ``pred``.
     """
     validate_images(images, patch_size, blur_kernel, blur_sigma)
+    norm_pix = _validate.target_args(images, patch_size, blur_kernel, blur_sigma, norm_pix)
     if loss not in ("mse", "l1"):
         raise ValueError(f"loss must be 'mse' or 'l1'; got {loss!r}")
     b, c, h, w = images.shape
@@ -112,5 +117,7 @@ def patch_loss(pred: Tensor, images: Tensor, patch_size: int, perm: Tensor, vali
         raise ValueError(f"valid must be a bool tensor shaped like perm {tuple(perm.shape)}; got "
                          f"{valid.dtype} {tuple(valid.shape)}")
     fn = resolve("patch_loss", backend, _LOSS, images.device,
-                 auto_order(images.device, ("triton",), ("reference",)))
+                 dtype=pred.dtype, structure=(c, patch_size, int(blur_kernel), bool(norm_pix), loss, valid is not None,
+                                              str(images.dtype).removeprefix("torch.")),
+                 shape=(b, h, w, perm.shape[1]))
     return fn(pred, images, patch_size, perm, valid, int(blur_kernel), float(blur_sigma), bool(norm_pix), loss)

@@ -142,14 +142,14 @@ def _labelled_data(data: str) -> str | None:
     return None
 
 
-def pretrain_summary(out: str, checkpoint: str | None, data: str, probe: tuple[float, float] | None) -> str:
-    """The closing block of a pre-training run (rank 0)."""
+def pretrain_summary(out: str, checkpoint: str | None, data: str, probe: dict | None) -> str:
+    """The closing block of a pre-training run (rank 0); ``probe``: the trainer's probe result."""
     rows = {"run directory": out, "config": os.path.join(out, "config.json"), "checkpoint": checkpoint,
             **metrics_rows(out)}
     if probe is not None:
-        rows["result"] = f"linear probe accuracy {probe[0]:.4f} (random-init encoder: {probe[1]:.4f})"
-        probe_file = os.path.join(out, "probe.json")
-        rows["result file"] = probe_file if os.path.exists(probe_file) else None
+        rows["result"] = (f"linear probe accuracy {probe['pretrained']:.4f} pre-trained, {probe['random_init']:.4f} "
+                          f"random-init encoder, {probe['raw_pixels']:.4f} raw pixels (digits test split)")
+        rows["result file"] = probe["path"]
     steps = {}
     if checkpoint:
         labelled = _labelled_data(data)

@@ -1,5 +1,3 @@
-import sys
+from .trainer import exit_process, main
 
-from .trainer import main
-
-sys.exit(main())
+exit_process(main())

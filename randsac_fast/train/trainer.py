@@ -23,8 +23,12 @@ from .. import config as config_mod
 from .. import data as data_mod
 from .. import models, ops, orders
 from ..eval.knn import knn_accuracy, labelled_loaders
-from ..eval.probe import linear_probe_accuracy
-from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
+from ..eval.probe import digits_probe, save_json
+from ..runtime.batch import plan_batch
+from ..runtime.checkpoint import Checkpointer, NonFiniteState, read_meta, rng_state, set_rng_state
+from ..runtime.lock import lock_run_dir, release_all
+from ..runtime.preempt import EXIT_PREEMPTED, Preempted, Preemption
+from ..runtime.resume_config import check_resume
 from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops, require_wandb
 from ..runtime.parallel import init_distributed, parallelize
 from ..runtime.schedule import lr_at, scaled_lr, set_lr
@@ -53,13 +57,15 @@ class Trainer:
     def __init__(self, cfg: config_mod.Config):
         self.cfg = cfg
         m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-        if t.batch_size < 1 or t.accum < 1:
-            raise ValueError(f"--batch-size and --accum must be >= 1; got {t.batch_size} and {t.accum}")
         # ---- validate everything cheap before any process group or output exists -----------
+        config_mod.validate(cfg)
+        # The global batch is split by the world size torchrun announces (1 for a plain run).
+        self.plan = plan_batch(t.batch_size, int(os.environ.get("WORLD_SIZE", 1)), t.accum, t.micro_batch)
         if t.wandb:
             require_wandb()
         d.data = data_mod.pretraining_root(d.data)
         self.source = data_mod.open_source(d.data, m.img_size, d.synthetic_size, split="train")
+        config_mod.check_channels(cfg, self.source.channels)
         torch.manual_seed(t.seed)                    # identical initial weights on every rank
         model = models.build_from_config(m, self.source.channels, cfg.flags)
         self.order_spec = orders.check_fits(t.order, model.grid)
@@ -71,9 +77,7 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world
         if self.dist.is_main:
             os.makedirs(t.out, exist_ok=True)
-            with open(os.path.join(t.out, "config.json"), "w") as fh:
-                fh.write(config_mod.dumps(cfg))
-            print(f"config ({cfg.preset} preset + flags):\n{config_mod.dumps(cfg)}", flush=True)
+        self.lock = lock_run_dir(t.out, self.dist.is_main)   # one run per directory; raises on every rank
         dist.barrier()
 
         # ---- data: per-rank shards, MAE augmentation ---------------------------------------
@@ -81,13 +85,13 @@ class Trainer:
         self.norm = (mean, std)
         augment = data_mod.Augment(m.img_size, d.crop_scale, d.crop_ratio, d.hflip, mean, std)
         self.dataset = data_mod.AugmentedDataset(self.source, augment, t.seed)
-        self.batches = data_mod.ShardedBatches(len(self.source), t.batch_size, rank, world, t.seed)
-        self.knn_loaders = (labelled_loaders(d.knn_data or d.data, m.img_size, mean, std, t.batch_size, rank, world,
+        self.batches = data_mod.ShardedBatches(len(self.source), self.plan.per_rank, rank, world, t.seed)
+        self.knn_loaders = (labelled_loaders(d.knn_data or d.data, m.img_size, mean, std, self.plan.per_rank, rank, world,
                                              limit=t.knn_images, seed=t.seed) if t.knn_every else None)
-        steps_per_epoch = max(1, self.batches.per_epoch // t.accum)
+        steps_per_epoch = max(1, self.batches.per_epoch // self.plan.accum)
         self.total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
         self.warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
-        self.global_batch = t.batch_size * t.accum * world
+        self.global_batch = self.plan.global_batch
         self.peak_lr = scaled_lr(o.blr, self.global_batch)
 
         # ---- model: FSDP2 per block and at the root; optimizer -----------------------------
@@ -104,15 +108,31 @@ class Trainer:
         self.step, self.micro = 0, 0
         self.last_ckpt = None
         if t.resume:
-            path = self.ckpt.resolve(t.resume)
+            path = self.ckpt.resolve(t.resume, say=self._say)
             if path is None:
                 self._say(f"--resume latest: no checkpoint in {t.out} yet; starting from scratch")
             else:
+                for line in check_resume(path, read_meta(path).get("config", {}), config_mod.to_dict(cfg),
+                                         self.source.channels, t.allow_changed):
+                    self._say(line)
                 meta, state = self.ckpt.load(path, self.model, self.optimizer)
                 if state is not None:
                     set_rng_state(state, self.order_gen)
                 self.step, self.micro, self.last_ckpt = meta["step"], meta["micro"], path
                 self._say(f"resumed from {path} at step {self.step}")
+                if self.ckpt.parent:
+                    self._say(f"{path} is not the newest checkpoint of its branch: this run writes branch "
+                              f"{self.ckpt.branch} (step_XXXXXXXX.branch{self.ckpt.branch}); the newer ones are kept")
+        elif self.ckpt.latest() is not None:
+            if not t.force:
+                raise ValueError(f"--out {t.out} already holds checkpoints (newest: {self.ckpt.latest()}); pass "
+                                 "--resume latest to continue that run, or --force to start from scratch beside "
+                                 "them (a new branch; nothing is deleted)")
+            self._say(f"--force: starting from scratch; the checkpoints in {t.out} are kept, this run writes a new branch")
+        if self.dist.is_main:   # only once the resume is known to be valid: a refused one changes nothing
+            with open(os.path.join(t.out, "config.json"), "w") as fh:
+                fh.write(config_mod.dumps(cfg))
+            print(f"config ({cfg.preset} preset + flags):\n{config_mod.dumps(cfg)}", flush=True)
         self.metrics = MetricsLogger(t.out, self.dist.is_main, self.total_steps, self.step,
                                      config=config_mod.to_dict(cfg), metric_tags=("loss", "knn_top1"),
                                      wandb={"project": t.wandb_project} if t.wandb else None)
@@ -124,19 +144,19 @@ class Trainer:
 
     # ---- one optimizer step: accum micro-batches ----------------------------------------------
     def train_step(self, stream) -> tuple[torch.Tensor, torch.Tensor, int, object]:
-        t = self.cfg.train
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup, self.peak_lr, self.cfg.optim.min_lr))
         losses, skipped = [], 0
-        for a in range(t.accum):
+        accum = self.plan.accum
+        for a in range(accum):
             images, _, bad = next(stream)
             skipped += bad
             images = images.to(self.device, non_blocking=True)
             order = orders.sample(self.order_spec, images.shape[0], self.grid, generator=self.order_gen,
                                   device=self.device)
             # Reduce gradients across ranks only on the last micro-batch.
-            self.model.set_requires_gradient_sync(a == t.accum - 1)
+            self.model.set_requires_gradient_sync(a == accum - 1)
             loss = self.model(images, order)
-            (loss / t.accum).backward()
+            (loss / accum).backward()
             losses.append(loss.detach())
             self.micro += 1
         clip = self.cfg.optim.clip_grad
@@ -150,7 +170,8 @@ class Trainer:
     def train(self) -> None:
         checks = ops.checks_enabled(None)
         try:
-            self._loop()
+            with Preemption(self.dist.rank, self.dist.world, last_good=lambda: self.last_ckpt) as self.preempt:
+                self._loop()
         finally:
             ops.set_checks(checks)         # the switch is process-wide: leave it as found
         self.metrics.close()
@@ -168,7 +189,8 @@ class Trainer:
             pending.append((self.step, loss))
             skipped += bad
             last = self.step == self.total_steps
-            save = last or (t.ckpt_every and self.step % t.ckpt_every == 0)
+            stop = self.preempt.requested()                # SIGTERM / SIGINT on any rank: all stop here
+            save = last or (t.ckpt_every and self.step % t.ckpt_every == 0) or stop
             knn = (knn_accuracy(self.model, *self.knn_loaders, k=t.knn_k, device=self.device)
                    if t.knn_every and (self.step % t.knn_every == 0 or last) else None)
             if save or self.step % t.log_every == 0 or knn is not None:
@@ -181,7 +203,9 @@ class Trainer:
                 self.metrics.log(record)
                 pending, tick, tick_step = [], time.perf_counter(), self.step
             if save:
-                self.save()
+                self.save(grad_norm)
+            if stop and not last:
+                raise Preempted(self.preempt.signame, self.step, self.last_ckpt)
 
     def _check_losses(self, pending) -> list[tuple[int, float]]:
         """Average each pending step's loss over ranks; stop on the first non-finite one."""
@@ -210,44 +234,90 @@ class Trainer:
                           max_mem_gib=torch.cuda.max_memory_allocated(self.device) / 2**30)
         return record
 
-    def save(self) -> None:
+    def save(self, grad_norm=None) -> None:
+        """Collective. Refuses a non-finite state (checked here, on every rank: parameters, optimizer
+        state and the last gradient norm) with TrainingError naming the last good checkpoint."""
         meta = {"micro": self.micro, "total_steps": self.total_steps, "warmup_steps": self.warmup,
                 "peak_lr": self.peak_lr, "config": config_mod.to_dict(self.cfg)}
-        self.last_ckpt = self.ckpt.save(self.step, self.model, self.optimizer, meta, rng_state(self.order_gen))
+        try:
+            self.last_ckpt = self.ckpt.save(self.step, self.model, self.optimizer, meta, rng_state(self.order_gen),
+                                            grad_norm=grad_norm)
+        except NonFiniteState as e:
+            where = (f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt
+                     else "no checkpoint was written yet")
+            raise TrainingError(f"{e} ({where}); try a lower --blr or --clip-grad") from None
 
-    # ---- linear probe (digits) -----------------------------------------------------------------
-    def probe(self) -> tuple[float, float] | None:
-        """Rank 0: probe the trained encoder and a random-init one of the same seed. Collective."""
+    # ---- linear probe (digits) and the ordered end of a run -------------------------------------
+    def probe(self) -> dict | None:
+        """Probe the trained encoder, a random-init one of the same seed and the raw pixels on rank 0,
+        save ``probe.json`` in the run directory, and hand the result to every rank. Collective: no
+        rank goes on (to teardown) before rank 0 has finished and saved."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.dist.is_main:
-            return None
-        if self.cfg.data.data != "digits":
+        result = None
+        if self.dist.is_main and self.cfg.data.data != "digits":
             self._say("the built-in linear probe needs --data digits; skipped")
-            return None
-        m = self.cfg.model
-        train = data_mod.eval_images(data_mod.digits("train"), m.img_size, *self.norm)
-        test = data_mod.eval_images(data_mod.digits("test"), m.img_size, *self.norm)
-        torch.manual_seed(self.cfg.train.seed)     # the very weights the run started from
-        fresh = models.build_from_config(m, self.source.channels, self.cfg.flags)
-        random_acc = linear_probe_accuracy(fresh, train, test)
-        fresh.load_state_dict(full)
-        return linear_probe_accuracy(fresh, train, test), random_acc
+        elif self.dist.is_main:
+            m = self.cfg.model
+            torch.manual_seed(self.cfg.train.seed)     # the very weights the run started from
+            fresh = models.build_from_config(m, self.source.channels, self.cfg.flags)
+            result = digits_probe(fresh, full, m.img_size, *self.norm)
+            result.update(step=self.step, checkpoint=self.last_ckpt, path=os.path.join(self.cfg.train.out, "probe.json"))
+            save_json(result, result["path"])
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def finish(self) -> None:
+        """Every rank waits here for all the others (their writers were closed at the end of
+        ``train``, the probe is saved), so the process group is torn down only when no rank has work
+        left on it — no rank tears down while rank 0 still probes."""
+        dist.barrier()
 
 
 def main(argv=None) -> int:
     cfg = config_mod.parse_args(argv)
-    return run_command(lambda _: _run(cfg), errors=(ValueError, FileNotFoundError, ImportError, TrainingError,
-                                                    ops.BackendUnavailable))
+    try:
+        return run_command(lambda _: _run(cfg), errors=(ValueError, FileNotFoundError, ImportError, TrainingError,
+                                                        ops.BackendUnavailable))
+    except KeyboardInterrupt:   # Ctrl-C before the training loop took over the signal
+        print("interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        release_all()           # the run-directory lock
 
 
-def _run(cfg: config_mod.Config) -> None:
+def _run(cfg: config_mod.Config) -> int:
     trainer = Trainer(cfg)
-    trainer.train()
-    result = trainer.probe() if cfg.train.probe else None
+    try:
+        trainer.train()
+    except Preempted as e:      # the checkpoint is written: say so, leave together, exit 75
+        if trainer.dist.is_main:
+            print(str(e), file=sys.stderr, flush=True)
+        dist.barrier()          # torchrun stops the other workers as soon as the first one exits
+        return EXIT_PREEMPTED
+    result = trainer.probe() if cfg.train.probe else None   # saved to probe.json before teardown
+    trainer.finish()                                         # every rank here before the group goes
     if trainer.dist.is_main:
         pretrain_summary(cfg.train.out, trainer.last_ckpt, cfg.data.data, result)
+    return 0
+
+
+def exit_process(code: int) -> None:
+    """End the command: flush, then leave without the interpreter's teardown.
+
+    Once a model was sharded with FSDP2, the gloo process group outlives ``destroy_process_group``
+    (held by native references of the device mesh / DTensor machinery, not by Python objects: its
+    threads ``gloo_tcp_loop`` and ``pt_gloo_runloop`` keep running even after the model is deleted
+    and garbage collected; without FSDP they stop). Tearing the interpreter and the C++ statics
+    down under those running threads is what sporadically aborted the end of a run, even with one
+    process: "terminate called without an active exception", SIGABRT after the probe line. By now
+    everything is written and flushed (checkpoint, metrics, probe.json) and every rank has passed
+    the final barrier, so skipping the teardown loses nothing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -1,0 +1,274 @@
+"""The papers' order ablation as one command: pre-train one encoder per (order spec, seed), probe each.
+
+``python -m randsac_fast.ablate [--specs raster,random,square:4,...] [--seeds 0,1,2] [--data digits]
+[--out DIR] [training flags...]`` — the small-scale analogue of RandSAC's Table 1 (raster vs random
+vs square vs blob segments, hierarchical orders, incoherent segments) and SAIM's order study.
+
+Every cell is an ordinary training run (``randsac_fast.train``'s trainer, one process, the preset
+given by ``--preset``, default digits, plus any training flags) in ``DIR/cells/<spec>_seed<k>``,
+followed by two evaluations of the frozen encoder on the labelled splits of ``--data``:
+
+* ``probe``: the linear probe of :mod:`randsac_fast.eval.probe` (logistic regression on the
+  avg-pooled final features, as the trainer's end-of-run probe);
+* ``knn``: the k-NN monitor of :mod:`randsac_fast.eval.knn` (weighted 20-NN, cosine).
+
+A finished cell (its ``result.json``) is never rerun, and an interrupted one resumes from its last
+checkpoint, so the command is resumable. Outputs in ``DIR``: ``ablation.json`` (every cell and a
+summary per spec), ``ablation.md`` (a table), ``ablation.png`` (bars: mean over seeds, error bars:
+standard deviation, dots: the seeds). The summary says whether the two evaluations rank the specs
+alike (Spearman's rank correlation of the spec means) and agree on the best spec.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from . import config as config_mod
+from . import orders
+
+__all__ = ["main", "run", "DEFAULT_SPECS", "summarise"]
+
+#: The papers' comparison, as it fits a 4x4 token grid (digits: 8x8 images, 2x2 patches): raster and
+#: random token orders, square and blob segments, hierarchies (tokens in random order within 2x2
+#: partitions; 8 blobs grouped into 4) and incoherent segments (random token sets of the squares' size).
+DEFAULT_SPECS = ("raster", "random", "square:4", "blob:4", "square:16/4", "blob:8/4", "incoherent:4")
+
+
+def _cell_name(spec: str, seed: int) -> str:
+    return f"{spec.replace(':', '-').replace('/', '_')}_seed{seed}"
+
+
+def _parse_list(text: str, kind=str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"expected a comma-separated list, got {text!r}")
+    return [kind(t) for t in items]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m randsac_fast.ablate",
+        description="Order ablation: pre-train one encoder per (order spec, seed), then linear-probe and "
+                    "k-NN it. Unknown flags are training flags (see python -m randsac_fast.train --help).")
+    p.add_argument("--specs", default=",".join(DEFAULT_SPECS),
+                   help=f"comma-separated order specs (default {','.join(DEFAULT_SPECS)}); specs that do not "
+                        "fit the model's token grid are reported and skipped")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--out", default="runs/ablation", help="output directory (default runs/ablation)")
+    p.add_argument("--preset", default="digits", help="training preset of every cell (default digits)")
+    p.add_argument("--eval-images", type=int, default=10000,
+                   help="at most this many images of each labelled split for probe and k-NN (default 10000)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    return p
+
+
+def _labelled_tensors(data: str, img_size: int, mean, std, limit: int, seed: int):
+    """((train images, labels), (val images, labels)): whole un-augmented splits (as the trainer's
+    probe reads them), or a fixed random subset of ``limit`` images of a larger split."""
+    from . import data as data_mod
+    from .eval.linprobe import labelled_splits
+    out = []
+    for source in labelled_splits(data):
+        pick = (torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:limit].tolist()
+                if len(source) > limit else None)
+        out.append(data_mod.eval_images(source, img_size, mean, std, pick))
+    return tuple(out)
+
+
+def _chunks(images, labels, size: int = 256) -> list[tuple]:
+    """In-memory (images, labels) as the batches a k-NN loader yields."""
+    return [(images[i:i + size], labels[i:i + size]) for i in range(0, labels.numel(), size)]
+
+
+def _train_cell(cfg: config_mod.Config, eval_images: int) -> dict:
+    """Pre-train one cell (resuming if it was interrupted), evaluate it; -> the cell's result."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from . import models
+    from .eval.knn import knn_accuracy
+    from .eval.probe import linear_probe_accuracy
+    from .train.trainer import Trainer
+
+    start = time.perf_counter()
+    try:
+        trainer = Trainer(cfg)
+        trainer.train()
+        state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True,
+                                                                             cpu_offload=True))
+        steps, norm = trainer.step, trainer.norm
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    train_s = time.perf_counter() - start
+    m, t = cfg.model, cfg.train
+    encoder = models.build_from_config(m, trainer.source.channels, cfg.flags)
+    encoder.load_state_dict(state)
+    train, val = _labelled_tensors(cfg.data.data, m.img_size, *norm, eval_images, t.seed)
+    probe = linear_probe_accuracy(encoder, train, val)
+    knn = knn_accuracy(encoder, _chunks(*train), _chunks(*val), k=t.knn_k)
+    return {"spec": t.order, "seed": t.seed, "probe": probe, "knn": knn, "steps": steps,
+            "train_s": round(train_s, 2), "eval_s": round(time.perf_counter() - start - train_s, 2),
+            "knn_k": t.knn_k}
+
+
+def _spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None for fewer than 3 items."""
+    if len(a) < 3:
+        return None
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var else None
+
+
+def _stats(values: list[float]) -> dict:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "seeds": values}
+
+
+def summarise(cells: list[dict], specs: list[str]) -> dict:
+    """Per spec: mean / std / per-seed of probe and k-NN; and whether the two agree."""
+    per_spec = {}
+    for spec in specs:
+        mine = sorted((c for c in cells if c["spec"] == spec), key=lambda c: c["seed"])
+        if mine:
+            per_spec[spec] = {"probe": _stats([c["probe"] for c in mine]), "knn": _stats([c["knn"] for c in mine]),
+                              "seeds": [c["seed"] for c in mine]}
+    names = list(per_spec)
+    probe = [per_spec[s]["probe"]["mean"] for s in names]
+    knn = [per_spec[s]["knn"]["mean"] for s in names]
+    best_probe = names[probe.index(max(probe))] if names else None
+    best_knn = names[knn.index(max(knn))] if names else None
+    return {"specs": per_spec, "rank_correlation": _spearman(probe, knn), "best_by_probe": best_probe,
+            "best_by_knn": best_knn, "same_best": best_probe == best_knn}
+
+
+def table(summary: dict) -> str:
+    """A markdown table: one row per spec, mean ± std over seeds, and the per-seed values."""
+    rows = ["| order spec | linear probe, mean ± std | per seed | k-NN (k=20), mean ± std | per seed |",
+            "|---|---|---|---|---|"]
+    for spec, s in summary["specs"].items():
+        p, k = s["probe"], s["knn"]
+        rows.append(f"| `{spec}` | {p['mean']:.4f} ± {p['std']:.4f} | {', '.join(f'{v:.3f}' for v in p['seeds'])} "
+                    f"| {k['mean']:.4f} ± {k['std']:.4f} | {', '.join(f'{v:.3f}' for v in k['seeds'])} |")
+    rc = summary["rank_correlation"]
+    rows.append("")
+    rows.append(f"Best spec by linear probe: `{summary['best_by_probe']}`; by k-NN: `{summary['best_by_knn']}`; "
+                f"Spearman rank correlation of the spec means: {'n/a' if rc is None else f'{rc:.2f}'}.")
+    return "\n".join(rows) + "\n"
+
+
+def plot(summary: dict, path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = list(summary["specs"])
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.4 * len(specs)) * 1.6, 3.8), sharey=False)
+    for ax, key, label in zip(axes, ("probe", "knn"), ("linear probe accuracy", "k-NN accuracy")):
+        means = [summary["specs"][s][key]["mean"] for s in specs]
+        stds = [summary["specs"][s][key]["std"] for s in specs]
+        xs = range(len(specs))
+        ax.bar(xs, means, yerr=stds, capsize=4, color="#8fb3d9", edgecolor="#2b5d8a")
+        for x, s in zip(xs, specs):
+            vals = summary["specs"][s][key]["seeds"]
+            ax.scatter([x + (i - (len(vals) - 1) / 2) * 0.12 for i in range(len(vals))], vals, s=14,
+                       color="#1a1a1a", zorder=3)
+        lo = min(min(summary["specs"][s][key]["seeds"]) for s in specs)
+        ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+        ax.set_xticks(list(xs), specs, rotation=20)
+        ax.set_ylabel(label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(argv=None) -> dict:
+    """Run (or finish) the grid; write ablation.json / .md / .png; return the summary."""
+    args, train_flags = build_parser().parse_known_args(argv)
+    specs, seeds = _parse_list(args.specs), _parse_list(args.seeds, int)
+    if args.eval_images < 1:
+        raise ValueError(f"--eval-images must be >= 1; got {args.eval_images}")
+    for flag in ("--order", "--seed", "--out", "--resume"):
+        if any(f == flag or f.startswith(flag + "=") for f in train_flags):
+            raise ValueError(f"{flag} is set per cell by the ablation; use --specs / --seeds / --out instead")
+    base = config_mod.parse_args(["--preset", args.preset, *train_flags, "--probe", "false"])
+    os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
+    grid = (base.model.img_size // base.model.patch_size,) * 2
+    runnable, skipped = [], {}
+    for spec in specs:
+        try:
+            orders.check_fits(spec, grid)
+            runnable.append(spec)
+        except ValueError as e:
+            skipped[spec] = str(e)
+            print(f"skipping {spec}: {e}", file=sys.stderr, flush=True)
+    cells = []
+    for spec in runnable:
+        for seed in seeds:
+            cell_dir = os.path.join(args.out, "cells", _cell_name(spec, seed))
+            result_path = os.path.join(cell_dir, "result.json")
+            if os.path.exists(result_path):
+                with open(result_path) as fh:
+                    cells.append(json.load(fh))
+                print(f"{spec} seed {seed}: done before (probe {cells[-1]['probe']:.4f}, k-NN {cells[-1]['knn']:.4f})",
+                      flush=True)
+                continue
+            cfg = config_mod.parse_args(["--preset", args.preset, *train_flags, "--probe", "false", "--order", spec,
+                                         "--seed", str(seed), "--out", cell_dir, "--resume", "latest"])
+            result = _train_cell(cfg, args.eval_images)
+            from .eval.probe import save_json
+            save_json(result, result_path)
+            cells.append(result)
+            print(f"{spec} seed {seed}: probe {result['probe']:.4f}, k-NN {result['knn']:.4f} "
+                  f"({result['train_s']:.0f} s)", flush=True)
+    summary = summarise(cells, runnable)
+    report = {"preset": args.preset, "train_flags": train_flags, "data": base.data.data, "seeds": seeds,
+              "grid": list(grid), "skipped": skipped, "config": config_mod.to_dict(base), "torch": torch.__version__,
+              "cells": cells, "summary": summary}
+    from .eval.probe import save_json
+    save_json(report, os.path.join(args.out, "ablation.json"))
+    with open(os.path.join(args.out, "ablation.md"), "w") as fh:
+        fh.write(table(summary))
+    print(table(summary), flush=True)
+    if not args.no_plot:
+        plot(summary, os.path.join(args.out, "ablation.png"),
+             f"order ablation: {base.data.data}, {base.model.model}, {base.train.steps} steps, seeds {seeds}")
+    return summary
+
+
+def main(argv=None) -> int:
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from .train.trainer import exit_process   # gloo threads outlive the process group: see there
+    exit_process(main())

@@ -1,0 +1,167 @@
+"""One run per directory: rank 0 holds a lock on ``<out>/.lock`` for the whole run.
+
+The lock is an ``flock`` on that file, so the kernel drops it the moment the holding process dies,
+SIGKILL included: a leftover ``.lock`` file never blocks a later run (it only records the last
+holder: host, pid, start time, for the error message). On a file system without ``flock``
+(some NFS / Lustre mounts answer ENOLCK or EOPNOTSUPP) the lock is the exclusive creation of
+``<out>/.lock.held``, refreshed every :data:`HEARTBEAT_S` seconds by a daemon thread; it is stale,
+and taken over, when its holder is a dead pid on this host, or when its heartbeat is older than
+:data:`STALE_AFTER_S` (a holder on another host). The file is removed on release.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+
+__all__ = ["RunLocked", "RunLock", "lock_run_dir", "release_all", "HEARTBEAT_S", "STALE_AFTER_S"]
+
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_held: list["RunLock"] = []
+
+
+class RunLocked(ValueError):
+    """Another live run uses this directory."""
+
+
+def _holder() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def _describe(path: str) -> str:
+    try:
+        with open(path) as fh:
+            h = json.load(fh)
+        return f"pid {h['pid']} on {h['host']}, since {h['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    def __init__(self, out_dir: str):
+        self.out = out_dir
+        self.path = os.path.join(out_dir, ".lock")
+        self.held_path = self.path + ".held"
+        self._fd: int | None = None
+        self._fallback = False
+        self._stop = threading.Event()
+
+    def _message(self, who: str) -> str:
+        return (f"--out {self.out} is in use by another run ({who}); wait for it to finish, stop it, "
+                "or choose another --out")
+
+    def acquire(self) -> "RunLock":
+        """Take the lock or raise RunLocked naming the holder."""
+        os.makedirs(self.out, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunLocked(self._message(_describe(self.path))) from None
+            if e.errno not in _UNSUPPORTED:
+                raise
+            return self._acquire_fallback()
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(_holder()).encode())
+        self._fd = fd
+        _held.append(self)
+        return self
+
+    def _stale(self) -> bool:
+        try:
+            with open(self.held_path) as fh:
+                h = json.load(fh)
+            age = time.time() - os.path.getmtime(self.held_path)
+        except FileNotFoundError:
+            return True
+        except (OSError, ValueError):
+            return time.time() - os.path.getmtime(self.held_path) > STALE_AFTER_S
+        if h.get("host") == socket.gethostname():
+            return not _alive(int(h.get("pid", -1)))
+        return age > STALE_AFTER_S
+
+    def _acquire_fallback(self) -> "RunLock":
+        for _ in range(2):   # at most one stale-lock takeover
+            try:
+                fd = os.open(self.held_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if not self._stale():
+                    raise RunLocked(self._message(_describe(self.held_path))) from None
+                try:
+                    os.unlink(self.held_path)   # a dead holder's lock
+                except FileNotFoundError:
+                    pass
+                continue
+            os.write(fd, json.dumps(_holder()).encode())
+            os.close(fd)
+            self._fallback = True
+            threading.Thread(target=self._heartbeat, daemon=True, name="run-lock-heartbeat").start()
+            _held.append(self)
+            return self
+        raise RunLocked(self._message(_describe(self.held_path)))
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.held_path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+        if self._fallback:
+            self._stop.set()
+            try:
+                os.unlink(self.held_path)
+            except FileNotFoundError:
+                pass
+            self._fallback = False
+        if self in _held:
+            _held.remove(self)
+
+
+def lock_run_dir(out_dir: str, is_main: bool) -> RunLock | None:
+    """Collective: rank 0 takes the lock; every rank raises the same RunLocked if it is held."""
+    import torch.distributed as dist
+    lock, error = None, None
+    if is_main:
+        try:
+            lock = RunLock(out_dir).acquire()
+        except RunLocked as e:
+            error = str(e)
+        except OSError as e:   # e.g. --out is a file, or read-only
+            error = f"--out {out_dir}: cannot be used as a run directory ({e.strerror or e})"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RunLocked(error)
+    return lock
+
+
+def release_all() -> None:
+    """Release every lock this process holds (the end of a run, or a failed start)."""
+    for lock in list(_held):
+        lock.release()
