@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..orders import SegmentOrder
+from .hub import PretrainedMixin
 from .vit import DecoderBlock, LayerNorm, ViTEncoder, check_common_config, gather_rows, init_weights
 
 #: seg id of padding rows: larger than any real segment rank, so padded keys are invisible.
@@ -100,7 +101,7 @@ def split_order(order: SegmentOrder, pad: bool | None = None) -> EncDecSplit:
     return EncDecSplit(enc_perm, enc_seg, dec_perm, dec_seg, dec_valid)
 
 
-class RandSAC(ViTEncoder):
+class RandSAC(ViTEncoder, PretrainedMixin):
     num_prefix_tokens = 0
 
     def __init__(self, config: RandSACConfig | None = None, **overrides):
