@@ -24,7 +24,13 @@
   on purpose: timm's ``resample_abs_pos_embed`` does the same bicubic ``F.interpolate``, but timm is
   an optional extra that brings a CUDA build of torch).
 
-CLI: ``python -m randsac_fast.interop export --ckpt PATH [--model NAME] --out FILE [--safetensors]``.
+* :func:`timm_config` is timm's ``config.json`` for the export: the architecture name of the
+  matching size, the constructor arguments and the ``pretrained_cfg`` with the normalisation
+  mean/std and input size, so ``timm.create_model("local-dir:DIR", pretrained=True)`` rebuilds it.
+
+CLI: ``python -m randsac_fast.interop export --ckpt PATH [--model NAME] --out DIR|FILE``: a directory
+gets ``config.json`` + ``model.safetensors`` (timm's local / hub layout); a ``.pt`` / ``.safetensors``
+file gets the weights and ``FILE.json`` beside it with the same config.
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ from . import models
 from .models import SAIM, RandSAC, SAIMConfig
 from .runtime.summary import print_summary, run_command
 
-__all__ = ["to_timm", "timm_kwargs", "from_saim_official", "saim_official_config", "interpolate_pos_embed",
+__all__ = ["to_timm", "timm_kwargs", "timm_architecture", "timm_config", "export_timm", "from_saim_official", "saim_official_config", "interpolate_pos_embed",
            "load_model", "save_state_dict", "main"]
 
 
@@ -191,6 +197,93 @@ def timm_kwargs(model: nn.Module, *, fc_norm: bool = False, global_pool: str = "
                 embed_dim=model.config.embed_dim, depth=len(model.blocks), num_heads=blk.attn.num_heads,
                 mlp_ratio=blk.mlp.fc1.out_features / model.config.embed_dim, qkv_bias=True,
                 class_token=isinstance(model, SAIM), global_pool=global_pool, fc_norm=fc_norm, num_classes=0)
+
+
+def timm_architecture(model: nn.Module) -> str:
+    """The timm model name of the encoder's size, e.g. ``vit_tiny_patch16_224`` for a width-192
+    encoder: the size word is the standard ViT size (:data:`models.vit.SIZES`, timm's own) with
+    the nearest width. :func:`timm_kwargs` sets every dimension (patch and image size included),
+    so the name picks timm's ViT family and its defaults, not the shapes."""
+    from .models.vit import SIZES
+    _check_model(model)
+    width = model.config.embed_dim
+    size = min(SIZES, key=lambda s: (abs(SIZES[s][0] - width), SIZES[s][0]))
+    return f"vit_{size}_patch16_224"
+
+
+def timm_config(model: nn.Module, mean, std, *, fc_norm: bool = False, global_pool: str = "avg") -> dict:
+    """timm's ``config.json`` for :func:`to_timm`'s weights (what ``create_model("local-dir:DIR")``
+    and the hub read): ``architecture``, ``num_classes`` 0, ``num_features``, ``global_pool``,
+    ``model_args`` (:func:`timm_kwargs`) and ``pretrained_cfg`` with the input size, the
+    normalisation ``mean`` / ``std`` the encoder was trained with and the evaluation view (the
+    centred largest square, resized: crop_pct 1, center)."""
+    kwargs = timm_kwargs(model, fc_norm=fc_norm, global_pool=global_pool)
+    mean, std = [float(m) for m in mean], [float(s) for s in std]
+    if len(mean) != model.in_chans or len(std) != model.in_chans:
+        raise ValueError(f"mean {mean} / std {std} need one value per channel ({model.in_chans})")
+    return {
+        "architecture": timm_architecture(model),
+        "num_classes": 0,
+        "num_features": model.config.embed_dim,
+        "global_pool": global_pool,
+        "model_args": {**kwargs, "img_size": list(kwargs["img_size"])},
+        "pretrained_cfg": {
+            "input_size": [model.in_chans, *model.img_size], "fixed_input_size": True,
+            "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+            "mean": mean, "std": std, "num_classes": 0,
+            "first_conv": "patch_embed.proj", "classifier": "head",
+            "tag": f"randsac_fast-{type(model).__name__.lower()}",
+        },
+    }
+
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def export_timm(model: nn.Module, out: str, mean, std, *, fc_norm: bool = False, safetensors: bool = False) -> dict:
+    """Write the encoder for timm with its metadata; returns :func:`timm_config`.
+
+    ``out`` a directory: ``config.json`` + ``model.safetensors`` (timm's local-dir / hub layout:
+    ``timm.create_model("local-dir:" + out, pretrained=True)``). ``out`` a file (``.pt``, ``.pth``,
+    ``.bin``; ``.safetensors`` or ``safetensors=True`` for safetensors): the weights, and the same
+    config as ``<out without suffix>.json`` beside it (safetensors files also carry it as metadata).
+    """
+    sd = to_timm(model, fc_norm=fc_norm)
+    cfg = timm_config(model, mean, std, fc_norm=fc_norm)
+    meta = {"timm_kwargs": json.dumps(timm_kwargs(model, fc_norm=fc_norm)), "timm_config": json.dumps(cfg)}
+    if out.endswith(_WEIGHT_SUFFIXES):
+        config_path = os.path.splitext(out)[0] + ".json"
+        save_state_dict(sd, out, safetensors=safetensors or out.endswith(".safetensors"), metadata=meta)
+    else:
+        if os.path.isfile(out):
+            raise ValueError(f"--out {out} is a file without a weights suffix; pass a directory (config.json + "
+                             f"model.safetensors) or a file ending in one of {', '.join(_WEIGHT_SUFFIXES)}")
+        os.makedirs(out, exist_ok=True)
+        config_path = os.path.join(out, "config.json")
+        save_state_dict(sd, os.path.join(out, "model.safetensors"), safetensors=True, metadata=meta)
+    with open(config_path, "w") as fh:
+        json.dump(cfg, fh, indent=2)
+    return cfg
+
+
+def run_normalisation(meta: dict, in_chans: int) -> tuple[tuple, tuple]:
+    """The mean/std a checkpoint's run normalised its inputs with: the recorded config's, else the
+    data set's own (the trainer's rule; the data set is opened to read them)."""
+    from . import data
+    d = meta.get("config", {}).get("data", {})
+    if d.get("mean") and d.get("std"):
+        return tuple(d["mean"]), tuple(d["std"])
+    if d.get("data"):
+        try:
+            source = data.open_source(d["data"], meta["config"].get("model", {}).get("img_size", 32))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"the run normalised with its data set's mean/std, but {d['data']!r} cannot be opened "
+                             f"here ({e}); pass --mean and --std") from None
+        return tuple(d.get("mean") or source.mean), tuple(d.get("std") or source.std)
+    if in_chans == 3:
+        return data.IMAGENET_MEAN, data.IMAGENET_STD
+    raise ValueError(f"the checkpoint does not record its normalisation and the model takes {in_chans} channel(s); "
+                     "pass --mean and --std (one value per channel)")
 
 
 def save_state_dict(state_dict: dict[str, Tensor], path: str, *, safetensors: bool = False,
@@ -556,32 +649,66 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="attention backend (default auto)")
 
 
+def _add_norm_args(p: argparse.ArgumentParser) -> None:
+    from .config import comma_list
+    p.add_argument("--mean", type=comma_list(float), nargs="+", default=None,
+                   help="normalisation mean per channel to record, comma-separated (default: the run's)")
+    p.add_argument("--std", type=comma_list(float), nargs="+", default=None,
+                   help="normalisation std per channel to record, comma-separated (default: the run's)")
+
+
 def main(argv=None) -> int:
     from . import config as config_mod
     p = config_mod.Parser(prog="python -m randsac_fast.interop",
-                          description="Export a RandSAC / SAIM encoder as a timm ViT state dict.")
+                          description="Export a RandSAC / SAIM checkpoint: the encoder for timm, or the "
+                                      "whole model as a save_pretrained directory.")
     sub = p.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write the encoder as a timm VisionTransformer state dict")
+    ex = sub.add_parser("export", help="write the encoder as a timm VisionTransformer (weights + config.json)")
     add_checkpoint_args(ex)
-    ex.add_argument("--out", required=True, help="output file (.pt, or .safetensors with --safetensors)")
+    ex.add_argument("--out", required=True,
+                    help="a directory (config.json + model.safetensors, timm's local-dir layout) or a file: .pt, "
+                         ".safetensors (config beside it as FILE.json)")
     ex.add_argument("--safetensors", action=argparse.BooleanOptionalAction, default=False,
-                    help="write safetensors (needs the safetensors package)")
+                    help="write a file as safetensors whatever its suffix")
     ex.add_argument("--fc-norm", action=argparse.BooleanOptionalAction, default=False,
                     help="store the final norm as timm's fc_norm (normalises the pooled vector; a fine-tuning "
                          "start, not the same features)")
+    _add_norm_args(ex)
+    pre = sub.add_parser("pretrained", help="write the whole model as a save_pretrained directory "
+                                            "(models.from_pretrained loads it in one line)")
+    add_checkpoint_args(pre)
+    pre.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    _add_norm_args(pre)
     args = p.parse_args(argv)
+    from .config import flat
+    args.mean, args.std = flat(args.mean), flat(args.std)
 
     def export(_):
-        config_mod.check_args(args, {"out": config_mod.writable_file()})
-        model, _ = load_model(args.ckpt, args.model, backend=args.backend, **parse_sets(args.set))
-        sd = to_timm(model, fc_norm=args.fc_norm)
-        kwargs = timm_kwargs(model, fc_norm=args.fc_norm)
-        save_state_dict(sd, args.out, safetensors=args.safetensors, metadata={"timm_kwargs": json.dumps(kwargs)})
-        load = "safetensors.torch.load_file" if args.safetensors else "torch.load"
-        print_summary("timm export done", {"checkpoint": args.ckpt, "timm state dict": args.out,
-                                           "tensors": len(sd), "timm kwargs": repr(kwargs)},
-                      {"load in timm": f"model = timm.create_model('vit_base_patch16_224', pretrained=False, "
-                                       f"**kwargs); model.load_state_dict({load}({args.out!r}))"})
+        as_file = args.command == "export" and args.out.endswith(_WEIGHT_SUFFIXES)
+        config_mod.check_args(args, {"out": config_mod.writable_file() if as_file else config_mod.writable_dir()})
+        if (args.mean is None) != (args.std is None):
+            raise ValueError("pass --mean and --std together (or neither, for the run's own)")
+        model, meta = load_model(args.ckpt, args.model, backend=args.backend, **parse_sets(args.set))
+        mean, std = (args.mean, args.std) if args.mean else run_normalisation(meta, model.in_chans)
+        if args.command == "pretrained":
+            model.save_pretrained(args.out, metadata={"mean": list(mean), "std": list(std), "checkpoint": args.ckpt,
+                                                      "step": meta.get("step")})
+            print_summary("save_pretrained done", {"checkpoint": args.ckpt, "directory": args.out,
+                                                   "model": type(model).__name__},
+                          {"load": f"model = randsac_fast.models.from_pretrained({args.out!r})"})
+            return
+        cfg = export_timm(model, args.out, mean, std, fc_norm=args.fc_norm, safetensors=args.safetensors)
+        arch, kwargs, pre_cfg = cfg["architecture"], cfg["model_args"], cfg["pretrained_cfg"]
+        rows = {"checkpoint": args.ckpt, "timm weights": args.out if as_file else os.path.join(args.out, "model.safetensors"),
+                "timm config": os.path.splitext(args.out)[0] + ".json" if as_file else os.path.join(args.out, "config.json"),
+                "architecture": arch, "mean / std": f"{pre_cfg['mean']} / {pre_cfg['std']}"}
+        if as_file:
+            load = "safetensors.torch.load_file" if args.out.endswith(".safetensors") or args.safetensors else "torch.load"
+            hint = (f"model = timm.create_model({arch!r}, pretrained=False, **{kwargs!r}); "
+                    f"model.load_state_dict({load}({args.out!r}))")
+        else:
+            hint = f"model = timm.create_model({'local-dir:' + args.out!r}, pretrained=True)"
+        print_summary("timm export done", rows, {"load in timm": hint})
     return run_command(export, errors=(ValueError, TypeError, OSError, ImportError))
 
 

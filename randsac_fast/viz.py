@@ -7,10 +7,12 @@
     outlined in black (thicker for coarser levels), segments in white.
 
 ``python -m randsac_fast.viz recon --ckpt CKPT --images digits [--n 4] [--order SPEC] --out recon.png``
-    One row per image: image | order | prediction. The prediction is un-normalised with each
-    patch's mean and std from the target (so it is in pixel space; for SAIM it is the blurred
-    image the model was trained to predict); tokens the model does not predict (RandSAC's first
-    segment, the given context) show the input, dimmed.
+    One row per image: image | order | prediction. With norm-pix targets the prediction is
+    un-normalised with each patch's mean and std from the target; without, it is already in
+    pixel space (the title says which; for SAIM it is the blurred image the model was trained to
+    predict). Tokens the model does not predict (RandSAC's first segment, the given context) show
+    the real input patches, outlined. ``--images DIR`` takes its examples across the classes
+    (ImageFolder subfolders, CIFAR / digits labels) in turn, not the first files.
 
 matplotlib is needed (pip install matplotlib); figures are drawn with the Agg backend (headless).
 """
@@ -28,7 +30,8 @@ from . import reference
 from .config import comma_list, flat
 from .runtime.summary import print_summary, run_command
 
-__all__ = ["plot_orders", "plot_recon", "draw_order", "unnormalize_prediction", "load_images", "main"]
+__all__ = ["plot_orders", "plot_recon", "draw_order", "unnormalize_prediction", "load_images", "across_classes",
+           "main"]
 
 
 def _pyplot():
@@ -186,14 +189,33 @@ class _Files:
         return 0
 
 
-def load_images(images: list[str], img_size: int, channels: int, n: int, mean=None, std=None):
-    """``digits`` | ``synthetic`` | a directory | image files -> (normalised [n, C, S, S], mean, std).
-    mean/std default to the source's own statistics."""
+def across_classes(labels, n: int) -> list[int]:
+    """Indices of ``n`` examples taken from the classes in turn (the first example of each class,
+    then the second, ...), in class order; ``labels`` [N] holds each example's class."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
+    queues = [by_class[c] for c in sorted(by_class)]
+    picked, depth = [], 0
+    while len(picked) < n and any(depth < len(q) for q in queues):
+        picked += [q[depth] for q in queues if depth < len(q)][: n - len(picked)]
+        depth += 1
+    return picked
+
+
+def load_images(images: list[str], img_size: int, channels: int, n: int, mean=None, std=None, *,
+                with_labels: bool = False):
+    """``digits`` | ``synthetic`` | a directory | image files -> (normalised [n, C, S, S], mean, std)
+    (+ labels [n] with ``with_labels``). Examples of a labelled source (a directory's class
+    subfolders, CIFAR, digits) are taken across its classes (:func:`across_classes`). mean/std
+    default to the source's own statistics."""
     from . import data
     if len(images) == 1 and (images[0] in ("digits", "synthetic") or os.path.isdir(images[0])):
         source = data.digits("test") if images[0] == "digits" else data.open_source(images[0], img_size, n)
+        indices = across_classes([source.label(i) for i in range(len(source))], n)
     else:
         source = _Files(images, channels)
+        indices = range(min(n, len(source)))
     if source.channels != channels:
         raise ValueError(f"the images have {source.channels} channel(s) but the model takes {channels}; "
                          "pass images of the kind it was trained on")
@@ -202,13 +224,23 @@ def load_images(images: list[str], img_size: int, channels: int, n: int, mean=No
         if len(stat) != channels:
             raise ValueError(f"{flag} {','.join(map(str, stat))}: the model takes {channels} channel(s); give one "
                              "value per channel")
-    x, _ = data.eval_images(source, img_size, mean, std, indices=range(min(n, len(source))))
-    return x, mean, std
+    x, labels = data.eval_images(source, img_size, mean, std, indices=indices)
+    if isinstance(source, (_Files, data.SyntheticSource)):
+        labels = None                                  # files and synthetic images have no classes
+    return (x, mean, std, labels) if with_labels else (x, mean, std)
 
 
-def plot_recon(model, images: Tensor, out: str, *, spec: str, mean, std, seed: int = 0) -> str:
+def _cells_to_pixels(lines, patch_size: int):
+    """Line segments in token-cell coordinates (:func:`_borders`) -> image pixel coordinates."""
+    return [[((x + 0.5) * patch_size - 0.5, (y + 0.5) * patch_size - 0.5) for x, y in line] for line in lines]
+
+
+def plot_recon(model, images: Tensor, out: str, *, spec: str, mean, std, seed: int = 0, labels=None) -> str:
     """image | order | prediction for each image (normalised [B, C, H, W] in the model's input
-    space); ``spec`` is the order to predict in. Returns ``out``."""
+    space); ``spec`` is the order to predict in; ``labels`` [B] (optional) titles each row with its
+    class. Tokens the model is given rather than asked for show the input patches, outlined in
+    the prediction. Returns ``out``."""
+    from matplotlib.collections import LineCollection
     plt = _pyplot()
     c = model.config
     grid = model.grid
@@ -219,19 +251,17 @@ def plot_recon(model, images: Tensor, out: str, *, spec: str, mean, std, seed: i
     pixels = unnormalize_prediction(pred.float(), images.float(), c.patch_size, blur_kernel=c.blur_kernel,
                                     blur_sigma=c.blur_sigma, norm_pix=c.norm_pix)
     given = reference.patchify(images.float(), c.patch_size)
-    patches = torch.where(valid[..., None], pixels, given)
+    patches = torch.where(valid[..., None], pixels, given)             # context tokens: the real patches
     recon = reference.unpatchify(patches, c.patch_size, grid, images.shape[1])
-    dim = ~valid[..., None].expand_as(patches)                       # context tokens: shown dimmed
-    dim = reference.unpatchify(dim.float(), c.patch_size, grid, images.shape[1]) > 0
 
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     show = lambda x: (x * s + m).clamp(0, 1)                         # noqa: E731  back to [0, 1] pixels
     shown, recon = show(images.float()), show(recon)
-    recon = torch.where(dim, 0.35 * recon + 0.65 * 0.5, recon)
+    context = (~valid).reshape(-1, *grid).numpy()                     # [B, gh, gw] given, not predicted
 
     b = images.shape[0]
-    fig, axes = plt.subplots(b, 3, figsize=(7.5, 2.5 * b + 0.5), squeeze=False)
+    fig, axes = plt.subplots(b, 3, figsize=(7.5, 2.5 * b + 0.7), squeeze=False)
     for i in range(b):
         for ax, pic in ((axes[i, 0], shown[i]), (axes[i, 2], recon[i])):
             arr = pic.permute(1, 2, 0).numpy()
@@ -239,12 +269,21 @@ def plot_recon(model, images: Tensor, out: str, *, spec: str, mean, std, seed: i
                       interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+        if context[i].any():
+            edges = _borders(np.pad(context[i], 1).astype(np.int8))   # pad: the image edge is a border too
+            edges = [[(x - 1, y - 1) for x, y in line] for line in edges]
+            axes[i, 2].add_collection(LineCollection(_cells_to_pixels(edges, c.patch_size), colors="#ff7f0e",
+                                                     linewidths=1.5))
+        if labels is not None:
+            axes[i, 0].set_ylabel(f"class {int(labels[i])}", fontsize=8)
         draw_order(axes[i, 1], levels, i, grid)
-    notes = (["blurred"] if c.blur_kernel > 1 else []) + (["dimmed: given"] if bool((~valid).any()) else [])
+    notes = (["blurred"] if c.blur_kernel > 1 else []) + (["outlined: given"] if context.any() else [])
     for ax, title in zip(axes[0], ("image", f"order ({orders_mod.parse_spec(spec)})",
                                    "prediction" + (f" ({', '.join(notes)})" if notes else ""))):
         ax.set_title(title, fontsize=9)
-    fig.suptitle(f"{type(model).__name__}: prediction un-normalised with each patch's target mean/std", fontsize=9)
+    how = ("norm-pix targets, prediction un-normalised with each patch's target mean/std" if c.norm_pix
+           else "pixel targets (no norm-pix), prediction shown as predicted")
+    fig.suptitle(f"{type(model).__name__}: {how}", fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
 
@@ -301,10 +340,11 @@ def main(argv=None) -> int:
         else:
             model, meta = load_model(args.ckpt, args.model, backend=args.backend, **parse_sets(args.set))
             run = meta.get("config", {}).get("data", {})
-            images, mean, std = load_images(args.images, model.img_size[0], model.in_chans, args.n,
-                                            args.mean or run.get("mean"), args.std or run.get("std"))
+            images, mean, std, labels = load_images(args.images, model.img_size[0], model.in_chans, args.n,
+                                                    args.mean or run.get("mean"), args.std or run.get("std"),
+                                                    with_labels=True)
             out = plot_recon(model, images, args.out, spec=args.order or _default_order(model, meta),
-                             mean=mean, std=std, seed=args.seed)
+                             mean=mean, std=std, seed=args.seed, labels=labels)
         print_summary(f"figure done ({args.command})", {"checkpoint": getattr(args, "ckpt", None), "figure": out})
     return run_command(draw, errors=(ValueError, TypeError, OSError, ImportError))
 

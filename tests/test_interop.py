@@ -143,6 +143,88 @@ def test_export_cli_plain_file_and_safetensors(tmp_path, capsys, monkeypatch):
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def _trainer_checkpoint(tmp_path, model, name: str, data: dict, **model_cfg):
+    """A checkpoint directory as the trainer writes it: DCP shards under 'model' + meta.json."""
+    import torch.distributed.checkpoint as dcp
+
+    from randsac_fast import config as config_mod
+    path = tmp_path / "checkpoints" / "step_00000010"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(path))
+    mcfg = config_mod.ModelConfig(model=name, **model_cfg)
+    (path / "meta.json").write_text(json.dumps({"step": 10, "config": {"model": mcfg.__dict__, "data": data}}))
+    return path
+
+
+@pytest.mark.parametrize("width,heads,size", [(192, 3, "tiny"), (384, 6, "small"), (768, 12, "base"),
+                                              (1024, 16, "large"), (256, 4, "tiny")])
+def test_timm_architecture_matches_the_size(width, heads, size):
+    model = tiny("saim_vit_tiny", embed_dim=width, depth=1, num_heads=heads, query_depth=1)
+    assert interop.timm_architecture(model) == f"vit_{size}_patch16_224"
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_export_carries_timm_metadata(tmp_path, capsys):
+    """The export writes timm's config.json beside the weights: the size's architecture name, the
+    constructor arguments and pretrained_cfg with the run's mean/std and input size."""
+    from safetensors.torch import load_file
+    model = _randomise(tiny("randsac_vit_tiny", in_chans=1), 7)
+    ckpt = _trainer_checkpoint(tmp_path, model, "randsac_vit_tiny", {"data": "digits", "mean": [0.3], "std": [0.2]},
+                               img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_depth=1)
+    out = tmp_path / "export"
+    assert interop.main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"timm.create_model('local-dir:{out}', pretrained=True)" in printed
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == "vit_tiny_patch16_224" and cfg["num_classes"] == 0
+    assert cfg["model_args"] == json.loads(json.dumps(interop.timm_kwargs(model)))
+    pre = cfg["pretrained_cfg"]
+    assert pre["mean"] == [0.3] and pre["std"] == [0.2] and pre["input_size"] == [1, 16, 16]
+    got, want = load_file(str(out / "model.safetensors")), interop.to_timm(model)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+    # the run recorded no mean/std: the data set's own, as the trainer used (digits: its statistics)
+    from randsac_fast import data
+    ckpt2 = _trainer_checkpoint(tmp_path / "b", model, "randsac_vit_tiny", {"data": "digits"}, img_size=16,
+                                patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_depth=1)
+    assert interop.main(["export", "--ckpt", str(ckpt2), "--out", str(tmp_path / "vit.pt")]) == 0
+    assert "vit.json" in capsys.readouterr().out
+    pre = json.loads((tmp_path / "vit.json").read_text())["pretrained_cfg"]
+    assert pre["mean"] == list(data.digits("test").mean) and pre["std"] == list(data.digits("test").std)
+
+    # a plain state dict records no normalisation: 3 channels default to ImageNet's; else ask
+    plain = tmp_path / "model.pt"
+    torch.save(model.state_dict(), plain)
+    common = ["export", "--ckpt", str(plain), "--model", "randsac_vit_tiny", "--set", "num_heads=2",
+              "--set", "img_size=16", "--out", str(tmp_path / "plain")]
+    assert interop.main(common) == 1
+    assert "pass --mean and --std" in capsys.readouterr().err
+    assert not (tmp_path / "plain").exists()
+    assert interop.main(common + ["--mean", "0.5"]) == 1
+    assert "together" in capsys.readouterr().err
+    assert interop.main(common + ["--mean", "0.5", "--std", "0.25"]) == 0
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["pretrained_cfg"]["std"] == [0.25]
+
+
+@pytest.mark.parametrize("name", ["randsac_vit_tiny", "saim_vit_tiny"])
+def test_export_loads_in_one_line_with_timm(tmp_path, name):
+    """timm.create_model('local-dir:DIR', pretrained=True) rebuilds the encoder from the export
+    alone: same features (FlashAttention rule vs float64), the run's mean/std in its data config."""
+    timm = pytest.importorskip("timm", reason="needs timm")
+    model = _randomise(tiny(name), 8)
+    out = tmp_path / "export"
+    interop.export_timm(model, str(out), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    vit = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ours, theirs = model.forward_features(images), vit.forward_features(images)
+        ref64 = timm_style_features({k: v.double() for k, v in interop.to_timm(model).items()},
+                                    interop.timm_kwargs(model), images.double())
+    assert_close_by_rule(ours, theirs, ref64, what=f"timm {timm.__version__} local-dir")
+    data_cfg = timm.data.resolve_data_config({}, model=vit)
+    assert tuple(data_cfg["mean"]) == (0.4, 0.5, 0.6) and tuple(data_cfg["std"]) == (0.2, 0.25, 0.3)
+    assert tuple(data_cfg["input_size"]) == (3, 16, 16)
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_load_trainer_checkpoint_directory(tmp_path):
     """The trainer's layout: DCP shards under 'model' + meta.json with the training config."""

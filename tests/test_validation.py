@@ -74,7 +74,7 @@ TRAIN_BAD = [
     (["--accum", "0"], "--accum 0: must be an integer >= 1"),
     (["--epochs", "0"], "--epochs 0.0: must be a finite number > 0"),
     (["--knn-k", "0"], "--knn-k 0: must be an integer >= 1"),
-    (["--workers", "-1"], "--workers -1: must be an integer >= 0"),
+    (["--workers", "-1"], "--workers -1: must be auto or a whole number >= 0"),
     (["--img-size", "0"], "--img-size 0: must be an integer >= 1"),
     (["--blur-kernel", "4"], "--blur-kernel 4: must be 0 (off) or an odd size >= 3"),
     (["--blur-sigma", "0"], "--blur-sigma 0.0: must be a finite number > 0"),

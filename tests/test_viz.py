@@ -68,3 +68,65 @@ def test_recon_figure(tmp_path, name, order, capsys):
     # images of the wrong kind (3 channels for a 1-channel model): a clear error
     assert viz.main(common + ["--images", "synthetic"]) == 1
     assert "3 channel(s) but the model takes 1" in capsys.readouterr().err
+
+
+def test_across_classes_takes_each_class_in_turn():
+    labels = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert viz.across_classes(labels, 3) == [0, 3, 5]
+    assert viz.across_classes(labels, 5) == [0, 3, 5, 1, 4]
+    assert viz.across_classes(labels, 20) == [0, 3, 5, 1, 4, 6, 2, 7, 8]     # all there is
+    assert viz.across_classes([4, 4, 1], 2) == [2, 0]                          # class order
+
+
+def _image_folder(root, classes: int = 3, per_class: int = 4):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for k in range(per_class):
+            arr = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / f"class{c}" / f"{k:02d}.png")
+    return root
+
+
+def test_load_images_from_a_folder_spans_the_classes(tmp_path):
+    pytest.importorskip("PIL", reason="needs Pillow")
+    root = _image_folder(tmp_path / "folder")
+    images, mean, std, labels = viz.load_images([str(root)], 8, 3, 3, with_labels=True)
+    assert images.shape == (3, 3, 8, 8) and labels.tolist() == [0, 1, 2]     # not the first 3 files of class 0
+    _, _, _, labels = viz.load_images(["digits"], 8, 1, 10, with_labels=True)
+    assert sorted(labels.tolist()) == list(range(10))
+
+
+def _captured_recon(monkeypatch, tmp_path, norm_pix: bool):
+    figs = []
+    monkeypatch.setattr(viz, "_save", lambda fig, out: figs.append(fig) or out)
+    torch.manual_seed(0)
+    model = models.build("randsac_vit_tiny", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
+                         num_heads=2, decoder_depth=1, norm_pix=norm_pix)
+    images = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    viz.plot_recon(model, images, str(tmp_path / "r.png"), spec="square:4", mean=(0.5,), std=(0.25,), seed=0)
+    return model, images, figs[0]
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_recon_title_and_context_patches(monkeypatch, tmp_path, norm_pix):
+    """The title says how the prediction was brought to pixels (norm-pix or not), and the context
+    tokens of the prediction panel are the input's own pixels, not a dimmed grey."""
+    model, images, fig = _captured_recon(monkeypatch, tmp_path, norm_pix)
+    title = fig._suptitle.get_text()
+    assert ("un-normalised" in title) == norm_pix and ("no norm-pix" in title) == (not norm_pix)
+    from randsac_fast import orders
+    levels = orders.sample_levels("square:4", 2, model.grid, generator=torch.Generator().manual_seed(0))
+    _, valid = model.predict(images, levels.order)
+    shown = (images * 0.25 + 0.5).clamp(0, 1)
+    for i in range(2):
+        input_panel = fig.axes[3 * i].get_images()[0].get_array()
+        pred_panel = fig.axes[3 * i + 2].get_images()[0].get_array()
+        assert np.allclose(input_panel, shown[i, 0].numpy())
+        given = (~valid[i]).reshape(model.grid).repeat_interleave(4, 0).repeat_interleave(4, 1).numpy()
+        assert given.any() and not given.all()
+        assert np.array_equal(pred_panel[given], input_panel[given])          # the real patches
+        assert not np.allclose(pred_panel[~given], input_panel[~given])       # the prediction elsewhere
+        assert fig.axes[3 * i + 2].collections, "the given tokens are not outlined"
+    plt.close(fig)

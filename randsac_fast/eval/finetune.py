@@ -43,7 +43,7 @@ from ..runtime.parallel import init_distributed, parallelize
 from ..runtime.schedule import lr_at, scaled_lr
 
 __all__ = ["drop_path", "DropPathBlock", "Classifier", "layer_id", "param_groups_lrd", "set_group_lrs",
-           "smooth_one_hot", "mix_batch", "make_mixer", "FinetuneAugment", "run", "main"]
+           "smooth_one_hot", "mix_batch", "make_mixer", "posterize_keep_bits", "FinetuneAugment", "run", "main"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +205,37 @@ def make_mixer(num_classes: int, mixup_alpha: float, cutmix_alpha: float, smooth
     return mix
 
 
+def posterize_keep_bits(img, bits_to_keep: int, **_):
+    """Keep the ``bits_to_keep`` most significant bits of each channel of a PIL image; keeping 0
+    (or fewer) bits leaves none: a black image.
+
+    timm's RandAugment posterize ops derive the bits from the magnitude: ``PosterizeIncreasing``
+    (the ``inc1`` recipe, MAE's) keeps ``4 - int(m / 10 * 4)`` bits, so magnitude 10 keeps 0.
+    With ``mstd0.5`` around ``m9`` the magnitude is drawn from N(9, 0.5) and clipped to 10, which
+    happens on one draw in 44; ``Posterize`` (``inc0``) keeps ``int(m / 10 * 4)``, 0 below m 2.5.
+    Pillow < 13 computed 0 bits as this black image (as TensorFlow's reference RandAugment does),
+    Pillow 13 refuses bits outside 1..8 ("bits must be between or equal to 1 and 8"), which ended
+    fine-tuning after a few steps. Computing 0 bits here keeps the papers' recipe as they ran it,
+    on every Pillow version; 1..8 bits go to Pillow unchanged.
+    """
+    from PIL import Image, ImageOps
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)           # every bit dropped: 0 in every channel
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, bits_to_keep)
+
+
+def _keep_zero_bit_posterize(randaug) -> None:
+    """Route timm's posterize ops through :func:`posterize_keep_bits` (see there for why)."""
+    ops = getattr(randaug, "ops", None)
+    if ops is None:
+        import timm
+        raise RuntimeError(f"timm {timm.__version__}'s RandAugment has no .ops list; randsac_fast supports "
+                           "timm 1.x (pip install 'timm>=1,<2')")
+    for op in ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize_keep_bits
+
+
 class FinetuneAugment:
     """RandomResizedCrop + flip (the trainer's), then timm's RandAugment when installed, then normalise."""
 
@@ -218,6 +249,7 @@ class FinetuneAugment:
                 from timm.data.auto_augment import rand_augment_transform
                 fill = tuple(round(255 * m) for m in self.mean)
                 self.randaug = rand_augment_transform(randaug, {"img_mean": fill})
+                _keep_zero_bit_posterize(self.randaug)
             except ImportError:
                 warnings.warn("RandAugment skipped: it needs timm (pip install timm)", stacklevel=2)
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from . import hub
 from .randsac import SENTINEL, RandSAC, RandSACConfig, split_order
 from .saim import SAIM, SAIMConfig
 from .vit import SIZES, set_backend
 
-__all__ = ["build", "build_from_config", "names", "RandSAC", "RandSACConfig", "SAIM", "SAIMConfig", "SENTINEL", "split_order",
+__all__ = ["build", "build_from_config", "from_pretrained", "names", "RandSAC", "RandSACConfig", "SAIM", "SAIMConfig", "SENTINEL", "split_order",
            "set_backend"]
 
 # Paper defaults per size. RandSAC: tiny = CIFAR-10 (32 px, P=4, 3-layer decoder); small = ImageNet-100
@@ -48,6 +49,17 @@ def build(name: str, **overrides):
         base["query_depth"] = overrides["depth"]
     base.update(overrides)
     return cls(cfg_cls(**base))
+
+
+def from_pretrained(path: str, **overrides):
+    """A RandSAC or SAIM model from a ``save_pretrained`` directory (or hub repo id): the class is
+    read from its config.json. ``overrides`` replace config fields (e.g. ``backend="sdpa"``)."""
+    local = hub.resolve(path)
+    model_type = hub.read_config(local)["model_type"]
+    classes = {"RandSAC": RandSAC, "SAIM": SAIM}
+    if model_type not in classes:
+        raise ValueError(f"{path} holds model_type {model_type!r}; this version knows {sorted(classes)}")
+    return classes[model_type].from_pretrained(local, **overrides)
 
 
 # Model fields passed to models.build only when set (None: the model's own default).

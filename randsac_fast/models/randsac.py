@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..orders import SENTINEL, SegmentOrder
 from ..ops import SegmentBounds, segment_bounds
+from .hub import PretrainedMixin
 from .vit import DecoderBlock, LayerNorm, ViTEncoder, check_common_config, gather_rows, init_weights
 
 
@@ -113,7 +114,7 @@ def split_order(order: SegmentOrder, pad: bool | None = None) -> EncDecSplit:
     return EncDecSplit(perm[:, :length], enc_seg, torch.gather(perm, 1, src), dec_seg, dec_valid)
 
 
-class RandSAC(ViTEncoder):
+class RandSAC(ViTEncoder, PretrainedMixin):
     num_prefix_tokens = 0
 
     def __init__(self, config: RandSACConfig | None = None, **overrides):

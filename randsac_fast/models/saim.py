@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..orders import SegmentOrder
+from .hub import PretrainedMixin
 from .vit import Block, Mlp, ViTEncoder, check_common_config, gather_rows, init_weights
 
 
@@ -56,7 +57,7 @@ class SAIMConfig:
             raise ValueError(f"query_depth must divide depth ({self.depth}); got {self.query_depth}")
 
 
-class SAIM(ViTEncoder):
+class SAIM(ViTEncoder, PretrainedMixin):
     num_prefix_tokens = 1
 
     def __init__(self, config: SAIMConfig | None = None, **overrides):

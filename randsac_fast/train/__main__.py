@@ -1,3 +1,3 @@
-from .trainer import exit_process, main
+from .trainer import cli
 
-exit_process(main())
+cli()

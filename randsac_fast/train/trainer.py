@@ -354,5 +354,10 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``randsac-train`` console script: :func:`main`, ended like ``python -m randsac_fast.train``."""
     exit_process(main())
+
+
+if __name__ == "__main__":
+    cli()
