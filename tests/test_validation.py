@@ -279,13 +279,17 @@ def test_interop_cli(tiny_ckpts, tmp_path, capsys):
                           "holds non-finite weights")
     assert_one_line_error(interop.main, export(tiny_ckpts["garbage"], str(tmp_path / "x.pt")), capsys,
                           "cannot be read")
-    assert_one_line_error(interop.main, export(tiny_ckpts["good"], str(tmp_path)), capsys,
-                          f"--out {tmp_path}: must be a file, but it is a directory")
+    (tmp_path / "afile").write_text("")     # --out without a weight suffix names a directory
+    assert_one_line_error(interop.main, export(tiny_ckpts["good"], str(tmp_path / "afile")), capsys,
+                          f"--out {tmp_path / 'afile'}: must be a directory, but it is a file")
     assert_one_line_error(interop.main, export(tiny_ckpts["good"], str(tmp_path / "no" / "x.pt")), capsys,
                           "does not exist — create it first")
     assert_one_line_error(interop.main, ["export", "--ckpt"], capsys, "expected one argument")
     assert not (tmp_path / "x.pt").exists()
-    assert interop.main(export(tiny_ckpts["good"], str(tmp_path / "x.pt"))) == 0
+    # a 1-channel plain state-dict file records no normalisation: the export asks for it
+    assert_one_line_error(interop.main, export(tiny_ckpts["good"], str(tmp_path / "x.pt")), capsys,
+                          "pass --mean and --std")
+    assert interop.main(export(tiny_ckpts["good"], str(tmp_path / "x.pt")) + ["--mean", "0.5", "--std", "0.25"]) == 0
 
 
 def test_viz_cli(tiny_ckpts, tmp_path, capsys):
