@@ -1,5 +1,7 @@
-"""Test isolation: the ops' input-check switch is process-wide; no test may leak a change to it."""
+"""Test isolation: the ops' input-check switch is process-wide; no test may leak a change to it.
+Also the one-process gloo group fixture of the checkpoint tests."""
 import pytest
+import torch.distributed as dist
 
 from randsac_fast.ops import _dispatch
 
@@ -9,3 +11,12 @@ def _restore_op_checks():
     saved = _dispatch._CHECKS
     yield
     _dispatch._CHECKS = saved
+
+
+@pytest.fixture
+def group():
+    """A one-process gloo process group for the test (checkpoints are collective)."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

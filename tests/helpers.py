@@ -30,3 +30,13 @@ def assert_close_by_rule(fast: torch.Tensor, plain: torch.Tensor, ref64: torch.T
     assert torch.isfinite(fast).all(), f"{what}: non-finite values"
     ok, e_fast, e_plain = selfcheck.close_by_rule(fast, plain, ref64, factor=factor, floor=floor)
     assert ok, f"{what}: error {e_fast:.3e} > {factor} x plain {e_plain:.3e} + {floor}"
+
+
+def tiny_model_and_optimizer():
+    """A two-layer model after one AdamW step (so the optimizer has state), seeded."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    return model, opt

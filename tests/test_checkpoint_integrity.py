@@ -12,23 +12,9 @@ import torch.distributed as dist
 
 import randsac_fast.runtime.checkpoint as ck
 from randsac_fast.runtime.checkpoint import CheckpointError, Checkpointer, DamagedCheckpoint, NonFiniteState
+from helpers import tiny_model_and_optimizer
 
 
-@pytest.fixture
-def group():
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def _tiny():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(3, 4)).sum().backward()
-    opt.step()
-    return model, opt
 
 
 def _save(cp, step, model, opt, **kw):
@@ -41,7 +27,7 @@ def _names(tmp_path):
 
 # ---- integrity ---------------------------------------------------------------------------------
 def test_save_records_every_file_and_verifies(group, tmp_path):
-    model, opt = _tiny()
+    model, opt = tiny_model_and_optimizer()
     path = _save(Checkpointer(str(tmp_path), keep=2, rank=0, world=1), 1, model, opt)
     meta = json.load(open(os.path.join(path, "meta.json")))
     on_disk = sorted(n for n in os.listdir(path) if n != "meta.json")
@@ -86,7 +72,7 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_damaged_newest_checkpoint_is_reported_and_skipped(group, tmp_path, damage):
     harm, needle = DAMAGE[damage]
-    model, opt = _tiny()
+    model, opt = tiny_model_and_optimizer()
     cp = Checkpointer(str(tmp_path), keep=3, rank=0, world=1)
     good = _save(cp, 2, model, opt)
     with torch.no_grad():
@@ -108,7 +94,7 @@ def test_damaged_newest_checkpoint_is_reported_and_skipped(group, tmp_path, dama
 
 
 def test_every_checkpoint_damaged_is_one_clear_error(group, tmp_path):
-    model, opt = _tiny()
+    model, opt = tiny_model_and_optimizer()
     cp = Checkpointer(str(tmp_path), keep=3, rank=0, world=1)
     _flip(_shard(_save(cp, 1, model, opt)))
     with pytest.raises(DamagedCheckpoint, match=r"--resume latest: no intact checkpoint in .*step_00000001: "
@@ -119,7 +105,7 @@ def test_every_checkpoint_damaged_is_one_clear_error(group, tmp_path):
 # ---- never save a broken state, never prune before the new one is good -------------------------
 @pytest.mark.parametrize("poison", ["parameter", "optimizer state", "gradient norm"])
 def test_non_finite_state_is_never_saved_and_nothing_is_pruned(group, tmp_path, poison):
-    model, opt = _tiny()
+    model, opt = tiny_model_and_optimizer()
     cp = Checkpointer(str(tmp_path), keep=1, rank=0, world=1)
     good = _save(cp, 1, model, opt)
     grad_norm = torch.tensor(1.0)
@@ -141,7 +127,7 @@ def test_non_finite_state_is_never_saved_and_nothing_is_pruned(group, tmp_path, 
 
 def test_huge_but_finite_values_are_saved(group, tmp_path):
     # The check screens with a sum, which overflows here: it must not call this state broken.
-    model, opt = _tiny()
+    model, opt = tiny_model_and_optimizer()
     with torch.no_grad():
         model[0].weight.fill_(3e38)
     assert ck.non_finite_state(model, opt) is None
@@ -188,7 +174,7 @@ def _enospc(*args, **kwargs):
 
 @pytest.mark.parametrize("where", ["DCP shard writer", "meta.json writer"])
 def test_full_disk_says_so_and_leaves_no_debris(group, tmp_path, monkeypatch, where):
-    model, opt = _tiny()
+    model, opt = tiny_model_and_optimizer()
     cp = Checkpointer(str(tmp_path), keep=2, rank=0, world=1)
     good = _save(cp, 1, model, opt)
     if where == "DCP shard writer":
@@ -216,7 +202,7 @@ def test_full_disk_says_so_and_leaves_no_debris(group, tmp_path, monkeypatch, wh
 
 # ---- lineage -----------------------------------------------------------------------------------
 def test_resuming_from_the_past_writes_a_new_branch_that_pruning_keeps(group, tmp_path):
-    model, opt = _tiny()
+    model, opt = tiny_model_and_optimizer()
     first = Checkpointer(str(tmp_path), keep=10, rank=0, world=1)
     for step in (2, 4, 6, 8):
         _save(first, step, model, opt)
@@ -249,7 +235,7 @@ def test_resuming_from_the_past_writes_a_new_branch_that_pruning_keeps(group, tm
 
 
 def test_fresh_start_beside_checkpoints_is_a_new_branch(group, tmp_path):
-    model, opt = _tiny()
+    model, opt = tiny_model_and_optimizer()
     _save(Checkpointer(str(tmp_path), keep=1, rank=0, world=1), 5, model, opt)
     fresh = Checkpointer(str(tmp_path), keep=1, rank=0, world=1)
     for step in (1, 2):

@@ -4,11 +4,11 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from randsac_fast import config, data
 from randsac_fast.runtime import schedule
 from randsac_fast.runtime.checkpoint import Checkpointer
+from helpers import tiny_model_and_optimizer
 
 
 # ---- config / CLI ------------------------------------------------------------------------------
@@ -127,26 +127,11 @@ def test_cifar_pickles(tmp_path):
 
 
 # ---- checkpoints (one process group of size 1) --------------------------------------------------
-@pytest.fixture
-def group():
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def _tiny():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(3, 4)).sum().backward()
-    opt.step()
-    return model, opt
 
 
 def test_interrupted_save_keeps_previous_checkpoint(group, tmp_path, monkeypatch):
     import randsac_fast.runtime.checkpoint as ck
-    model, opt = _tiny()
+    model, opt = tiny_model_and_optimizer()
     cp = Checkpointer(str(tmp_path), keep=2, rank=0, world=1)
     good = cp.save(1, model, opt, {"micro": 1}, {"x": 1})
     saved = {k: v.clone() for k, v in model.state_dict().items()}
