@@ -207,6 +207,24 @@ def test_shard_stream_splits_and_resumes_exactly(tmp_path):
     assert state["kind"] == "shards" and state["workers"] == 2 and len(state["rank0_workers"]) == 2
 
 
+def test_resuming_a_shard_stream_with_another_layout_warns(tmp_path):
+    folder = _folder(tmp_path / "folder", 12, classes=12)
+    pattern = data.make_shards(folder, str(tmp_path / "shards"), shard_size=3)
+    states = {}
+    for workers in (1, 2):
+        stream = _shard_stream(pattern, 3, 0, 1, 0, workers)
+        states[workers] = stream.state(3)
+        stream.close()
+    assert data.resume_changes(None, states[2]) == []                       # not a resume
+    assert data.resume_changes(states[2], states[2]) == []                  # same layout: exact, silent
+    assert data.resume_changes({"kind": "indexed", "micro": 3}, states[2]) == []
+    (line,) = data.resume_changes(states[1], states[2])
+    assert "--workers per rank 1 -> 2" in line and "epoch 0" in line and "checkpoint's values" in line
+    other = dict(states[2], world=2, batch_size=6)
+    (line,) = data.resume_changes(other, states[2])
+    assert "ranks 2 -> 1" in line and "per-rank batch 6 -> 3" in line
+
+
 def test_corrupt_image_inside_a_shard_is_skipped_and_counted(tmp_path):
     folder = _folder(tmp_path / "folder", 6, broken=True)
     pattern = data.make_shards(folder, str(tmp_path / "shards"), shard_size=10)
@@ -251,3 +269,19 @@ def test_trainer_logs_data_wait_and_warns_once(tmp_path, monkeypatch, capsys):
     input_bound = any(r["data_wait_frac"] > 0.1 for r in recs[1:])
     assert err.count("of the step time went to waiting for data with --workers 0") == int(input_bound)
     assert "data-wait" in err
+
+
+def test_trainer_warns_when_a_shard_run_resumes_with_other_workers(tmp_path, capsys):
+    from randsac_fast.train import main
+    pattern = data.make_shards(_folder(tmp_path / "folder", 16), str(tmp_path / "shards"), shard_size=4)
+    out = tmp_path / "run"
+    base = ["--data", pattern, "--img-size", "8", "--patch-size", "2", "--embed-dim", "16", "--depth", "1",
+            "--num-heads", "1", "--decoder-depth", "1", "--decoder-num-heads", "1", "--order", "square:4",
+            "--batch-size", "4", "--probe", "false", "--log-every", "1", "--ckpt-every", "2", "--out", str(out)]
+    assert main([*base, "--steps", "2", "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--steps", "4", "--workers", "1", "--resume", "latest", "--allow-changed"]) == 0
+    assert "resuming the shard stream" not in "".join(capsys.readouterr())   # same layout: exact, silent
+    assert main([*base, "--steps", "6", "--workers", "2", "--resume", "latest", "--allow-changed"]) == 0
+    out_err = "".join(capsys.readouterr())
+    assert "resuming the shard stream with --workers per rank 1 -> 2" in out_err

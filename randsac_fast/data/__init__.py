@@ -15,11 +15,12 @@ that lives for the whole run and resumes at the exact micro-batch (``loader.py``
 from .images import DataError, EncodedImage, UnreadableImage, dct_factor, decode_rgb, jpeg_decoder, rgb_uint8
 from .loader import (AugmentedDataset, BatchStream, ShardedBatches, auto_workers, batch_stream, collate,
                      resolve_workers)
-from .shards import ShardDataset, make_shards
+from .shards import ShardDataset, make_shards, resume_changes
 from .sources import (CIFAR_MEAN, CIFAR_STD, IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource,
                       ShardSource, SyntheticSource, TensorSource, cifar, digits, is_shard_spec, open_source,
                       pretraining_root, read_cifar_pickle)
 from .transforms import Augment, augment_sample, crop_box, eval_images, normalize, resize, sample_seed
 
 __all__ = ["open_source", "pretraining_root", "Augment", "ShardedBatches", "batch_stream", "eval_images", "DataError",
-           "UnreadableImage", "EncodedImage", "ShardSource", "make_shards", "resolve_workers", "BatchStream"]
+           "UnreadableImage", "EncodedImage", "ShardSource", "make_shards", "resolve_workers", "BatchStream",
+           "resume_changes"]

@@ -39,9 +39,31 @@ from .images import DataError
 from .sources import SIZES, ImageFolderSource, ShardSource, webdataset_module
 from .transforms import augment_sample, sample_seed
 
-__all__ = ["ShardDataset", "make_shards"]
+__all__ = ["ShardDataset", "make_shards", "resume_changes"]
 
 SHUFFLE_BUFFER = 1000   # records per worker held for shuffling (raw bytes: ~0.1 GB for ImageNet JPEGs)
+
+
+def resume_changes(saved: dict | None, now: dict) -> list[str]:
+    """Lines to print when a shard stream resumes with a layout other than the checkpoint's.
+
+    ``saved``: the stream state in the checkpoint's meta (None: not a resume); ``now``: the resumed
+    stream's :meth:`ShardDataset.state`. The position is kept per worker as a record count, so a
+    changed shard list, rank count, worker count or per-rank batch maps it onto other records."""
+    if not saved or saved.get("kind") != "shards" or now.get("kind") != "shards":
+        return []
+    names = {"shards": "shards", "world": "ranks", "workers": "--workers per rank", "batch_size": "per-rank batch"}
+    same = {"workers": lambda a, b: max(1, a) == max(1, b)}     # 0 workers (in-process) reads as 1 worker
+    changed = [f"{names[k]} {saved[k]} -> {now.get(k)}" for k in names
+               if k in saved and not same.get(k, lambda a, b: a == b)(saved[k], now.get(k))]
+    if not changed:
+        return []
+    epochs = sorted({w["epoch"] for w in saved.get("rank0_workers") or []})
+    where = f"epoch {epochs[0]}" if len(epochs) == 1 else "the current epoch"
+    return [f"warning: resuming the shard stream with {', '.join(changed)} (checkpoint -> now): the rest of "
+            f"{where} is read in a different order and some of its records may be seen twice or not at all; "
+            "later epochs are whole passes, in an order other than the uninterrupted run's. Resume with the "
+            "checkpoint's values to continue the stream exactly."]
 
 
 class ShardDataset(torch.utils.data.IterableDataset):

@@ -113,6 +113,7 @@ class Trainer:
         self.ckpt = Checkpointer(t.out, t.keep, rank, world)
         self.step, self.micro = 0, 0
         self.last_ckpt = None
+        self.resumed_data: dict | None = None      # the data stream's state in the checkpoint resumed from
         if t.resume:
             path = self.ckpt.resolve(t.resume, say=self._say)
             if path is None:
@@ -125,6 +126,7 @@ class Trainer:
                 if state is not None:
                     set_rng_state(state, self.order_gen)
                 self.step, self.micro, self.last_ckpt = meta["step"], meta["micro"], path
+                self.resumed_data = meta.get("data")
                 self._say(f"resumed from {path} at step {self.step}")
                 if self.ckpt.parent:
                     self._say(f"{path} is not the newest checkpoint of its branch: this run writes branch "
@@ -197,6 +199,8 @@ class Trainer:
                                    pin_memory=self.device.type == "cuda", device=self.device,
                                    norm=self.norm) as self.stream:
             self._say(f"data: {self.source.name}, {self.workers} loader workers per rank (--workers)")
+            for line in data_mod.resume_changes(self.resumed_data, self.stream.state(self.micro)):
+                self._say(line)
             self._steps(self.stream)
 
     def _steps(self, stream) -> None:
