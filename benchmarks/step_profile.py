@@ -17,6 +17,11 @@ does it, so the cost of the wrapping shows. Reported per row:
 * ``fwd_aten`` / ``bwd_aten`` / ``other_aten`` / ``optim_aten``: aten ops dispatched in the forward
   + loss, the backward (ops run by the autograd engine), the rest of the step (order sampling,
   gradient norm) and ``optimizer.step``; an eager GPU step launches roughly one kernel per op.
+* ``kernel_ops`` (``fwd_kernel_ops``, ``bwd_kernel_ops``): the aten ops among those that compute,
+  i.e. all but views (``OpOverload.is_view``: view, t, transpose, select, detach, ...) and
+  allocation / metadata ops (:data:`NO_KERNEL_OPS`) — what launches a kernel on a GPU. ``launches``:
+  the step's estimated GPU kernel launches = ``kernel_ops`` + the computing aten ops inside custom
+  ops (``inner_kernel_ops``) + Triton launches.
 * ``fwd_custom`` / ``bwd_custom``: calls of the project's ``torch.library`` ops (attention, skip
   memory, targets); the aten ops *inside* them are counted apart (``inner_aten``), and so are
   Triton kernel launches (``triton_launches``, when the backend is ``triton``).
@@ -40,8 +45,10 @@ does it, so the cost of the wrapping shows. Reported per row:
 
 What a CPU run cannot see: time, kernel fusion by the compiler (this is the eager step), whether a
 host->device source is pinned, and device->host copies that a CUDA-only code path would make.
-The Triton backend runs under ``TRITON_INTERPRET=1`` on CPU (slow: minutes at ViT-B); ``sdpa`` and
-``reference`` count the same model ops with their own attention ops. Each row says its backend.
+The Triton backend runs under ``TRITON_INTERPRET=1`` on CPU (slow: minutes at ViT-B), or with
+``--kernels stand-in``, which counts each launch without running it (:func:`triton_stand_in`);
+``sdpa`` and ``reference`` count the same model ops with their own attention ops. Each row says its
+backend and whether its kernels ran.
 """
 from __future__ import annotations
 
@@ -64,6 +71,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, provenance, report  # noqa: E402
 from randsac_fast import config as config_mod, models, ops, orders  # noqa: E402
 from randsac_fast.train.trainer import Trainer, param_groups  # noqa: E402
+
+#: aten ops that launch no kernel on a GPU besides the views (``OpOverload.is_view``): allocations and
+#: metadata-only reshapes.
+NO_KERNEL_OPS = {"empty", "empty_strided", "empty_like", "_unsafe_view", "lift_fresh", "new_empty",
+                 "new_empty_strided", "set_", "resize_"}
 
 SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "unique",
             "_unique2", "unique_consecutive", "item"}
@@ -134,6 +146,8 @@ class StepTrace(TorchDispatchMode):
                 return out
         else:
             self.counts[(phase, "inner_aten" if self.depth else "aten")] += 1
+            if not (getattr(func, "is_view", False) or name in NO_KERNEL_OPS):
+                self.counts[(phase, "inner_kernel_ops" if self.depth else "kernel_ops")] += 1
             self.ops[(phase, name)] += 1
         out = func(*args, **kwargs)
         self._count_alloc(out, tensors)
@@ -206,6 +220,29 @@ def python_hooks(trace: StepTrace):
             cls.run = original
 
 
+@contextlib.contextmanager
+def triton_stand_in():
+    """Launch no Triton kernel: every launch returns at once and its outputs keep whatever their
+    buffers held. For counting only — the step has no data-dependent control flow once the
+    first-step checks are off (``tests/test_step_profile.py`` checks that a small model's trace is
+    identical with the interpreter and with the stand-in), so the counts are the real path's, without
+    the interpreter's minutes per ViT-B step. Outputs are garbage: nothing here reads them."""
+    patched = []
+    try:
+        import triton.runtime.interpreter as interp
+        import triton.runtime.jit as jit
+        for cls in (interp.InterpretedFunction, jit.JITFunction):
+            patched.append((cls, cls.run))
+            cls.run = lambda self, *a, **k: None
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        for cls, original in patched:
+            cls.run = original
+
+
 class PhaseHooks:
     """Marks the model's forward (and the loss inside it) as phase 'fwd' on the trace, and the
     optimizer step as 'optim'."""
@@ -245,7 +282,7 @@ def build_step(name: str, backend: str, batch: int, fsdp: bool, seed: int = 0):
     device = dist_info.device
     model = model.to(device)
     if "shard" in inspect.signature(parallelize).parameters:     # the trainer's own wrapping, forced on / off
-        model = parallelize(model, dist_info, shard=fsdp)
+        model = parallelize(model, dist_info, shard=fsdp, per_block=True)   # the CUDA layout
     elif fsdp:
         model = parallelize(model, dist_info, compile=False)
     if not hasattr(model, "set_requires_gradient_sync"):
@@ -256,6 +293,7 @@ def build_step(name: str, backend: str, batch: int, fsdp: bool, seed: int = 0):
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4,
                                   **({"fused": True} if fused else {"foreach": True}))
     trainer = SimpleNamespace(cfg=cfg, model=model, optimizer=optimizer, device=device, step=0, micro=0,
+                              plan=SimpleNamespace(accum=1, global_batch=batch),
                               total_steps=1000, warmup=10, peak_lr=1e-4, grid=model.grid,
                               order_spec=orders.check_fits(spec, model.grid),
                               order_gen=torch.Generator().manual_seed(seed + 1))
@@ -271,7 +309,13 @@ def build_step(name: str, backend: str, batch: int, fsdp: bool, seed: int = 0):
     return trainer, stream(), model
 
 
-def profile(name: str, backend: str, batch: int, fsdp: bool, warmup: int, count_shapes: bool = True) -> dict:
+def profile(name: str, backend: str, batch: int, fsdp: bool, warmup: int, count_shapes: bool = True,
+            stand_in: bool = False) -> dict:
+    with triton_stand_in() if stand_in else contextlib.nullcontext():
+        return _profile(name, backend, batch, fsdp, warmup, count_shapes, stand_in)
+
+
+def _profile(name, backend, batch, fsdp, warmup, count_shapes, stand_in) -> dict:
     trainer, stream, model = build_step(name, backend, batch, fsdp)
     step = Trainer.train_step
     t0 = time.perf_counter()
@@ -307,12 +351,17 @@ def profile(name: str, backend: str, batch: int, fsdp: bool, warmup: int, count_
     c = trace.counts
     row = {
         "config": name, "backend": backend, "wrap": "fsdp" if fsdp else "none", "batch": batch,
+        "kernels": "stand-in (launch counted, not run)" if stand_in else "run",
         "fwd_aten": c[("fwd", "aten")], "bwd_aten": c[("bwd", "aten")], "other_aten": c[("other", "aten")],
         "optim_aten": c[("optim", "aten")],
         "total_aten": c[("fwd", "aten")] + c[("bwd", "aten")] + c[("other", "aten")] + c[("optim", "aten")],
         "fwd_custom": c[("fwd", "custom")], "bwd_custom": c[("bwd", "custom")],
         "inner_aten": sum(v for (p, k), v in c.items() if k == "inner_aten"),
+        "kernel_ops": sum(v for (p, k), v in c.items() if k == "kernel_ops"),
+        "fwd_kernel_ops": c[("fwd", "kernel_ops")], "bwd_kernel_ops": c[("bwd", "kernel_ops")],
+        "inner_kernel_ops": sum(v for (p, k), v in c.items() if k == "inner_kernel_ops"),
         "triton_launches": sum(v for (p, k), v in c.items() if k == "triton_launches"),
+        "launches": sum(v for (p, k), v in c.items() if k in ("kernel_ops", "inner_kernel_ops", "triton_launches")),
         "searchsorted": sum(v for (p, k), v in c.items() if k == "searchsorted"),
         "host_syncs": sum(v for k, v in trace.syncs.items() if not k.startswith("optim:")),
         "optim_host_reads": sum(v for k, v in trace.syncs.items() if k.startswith("optim:")),
@@ -339,22 +388,27 @@ def main(argv=None) -> None:
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--no-fsdp", dest="fsdp", action="store_false", help="skip the FSDP-wrapped rows")
     p.add_argument("--label", default="", help="tag for the JSON file name, e.g. before / after")
+    p.add_argument("--kernels", choices=("run", "stand-in"), default="run",
+                   help="stand-in: count Triton launches without running them (see triton_stand_in); the "
+                        "Triton backend on CPU needs TRITON_INTERPRET=1 either way")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     rows = []
     for name in args.configs:
         for fsdp in ((False, True) if args.fsdp else (False,)):
-            row = profile(name, args.backend, args.batch, fsdp, args.warmup, count_shapes=not fsdp)
+            row = profile(name, args.backend, args.batch, fsdp, args.warmup, count_shapes=not fsdp,
+                          stand_in=args.kernels == "stand-in")
             rows.append(row)
             print(f"{name} [{row['wrap']}]: {row['total_aten']} aten ops, {row['host_syncs']} syncs "
                   f"({row['traced_step_s']} s)", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = {"benchmark": "step_profile", **provenance(device, "cpu (dispatch counts; no timings)"),
-            "backend": args.backend, "batch": args.batch, "warmup_steps": args.warmup, "label": args.label,
+            "backend": args.backend, "kernels": args.kernels, "batch": args.batch, "warmup_steps": args.warmup, "label": args.label,
             "shapes": {n: {"model": m, "overrides": o, "order": s} for n, (m, o, s) in CONFIGS.items()
                        if n in args.configs},
             "what_cpu_cannot_see": "time; compiler fusion; whether h2d sources are pinned; CUDA-only copies"}
-    columns = ["config", "backend", "wrap", "fwd_aten", "bwd_aten", "other_aten", "optim_aten", "total_aten",
+    columns = ["config", "backend", "wrap", "launches", "fwd_kernel_ops", "bwd_kernel_ops", "kernel_ops",
+               "fwd_aten", "bwd_aten", "other_aten", "optim_aten", "total_aten",
                "fwd_custom", "bwd_custom", "inner_aten", "triton_launches", "searchsorted", "host_syncs",
                "optim_host_reads", "h2d_blocking", "shapes_10", "alloc_mib"]
     report(f"step_profile_{args.backend}" + (f"_{args.label}" if args.label else ""), rows, columns, meta, args.out)

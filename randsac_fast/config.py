@@ -107,6 +107,10 @@ class TrainConfig:
                        "loss as one fullgraph graph); whole-cudagraphs (whole with mode='reduce-overhead', "
                        "CUDA-graph replay; GPU only, unmeasured until a GPU run)", "none")
     ac: bool = doc("activation checkpointing of each transformer block", False)
+    fsdp_units: str = doc("FSDP2 units when the model is sharded: block (one per transformer block: all-gathers "
+                          "overlap compute, one block's parameters live at a time), root (one unit: one "
+                          "all-gather and one reduce-scatter per step), auto = block on CUDA, root on CPU "
+                          "(gloo collectives do not overlap compute)", "auto")
     probe: bool = doc("after training, fit a linear probe on frozen avg-pooled features (digits only)",
                       False)
     knn_every: int = doc("every K optimizer steps, log knn_top1: weighted k-NN accuracy of the encoder's "
@@ -662,6 +666,7 @@ RULES: dict[str, Rule] = {
     "accum": optional(at_least(1)), "micro_batch": optional(at_least(1)), "seed": integer(), "order": text(), "resume": optional(text()),
     "ckpt_every": at_least(0), "keep": at_least(1), "log_every": at_least(1),
     "compile": one_of("none", "block", "whole", "whole-cudagraphs"),
+    "fsdp_units": one_of("auto", "block", "root"),
     "ac": boolean(), "probe": boolean(), "knn_every": at_least(0), "knn_k": at_least(1),
     "knn_images": optional(at_least(1)), "device": Rule(_device, "auto, cpu or cuda"),
     "wandb": boolean(), "wandb_project": text(), "allow_changed": boolean(), "force": boolean(),

@@ -105,11 +105,12 @@ def test_bad_inputs_fail_with_one_clear_error(tmp_path, args, needle, capsys):
 
 
 def test_two_ranks_saim_synthetic_with_activation_checkpointing(tmp_path):
-    # SAIM's query stream calls its blocks through .cross (not forward): FSDP2 must gather for it too.
+    # SAIM's query stream calls its blocks through .cross (not forward): FSDP2 must gather for it too
+    # (per-block units, as on CUDA; the CPU default is one unit at the root).
     out = tmp_path / "saim"
     r = _run(["--model", "saim_vit_tiny", "--img-size", "16", "--patch-size", "4", "--embed-dim", "32",
               "--depth", "2", "--num-heads", "2", "--order", "random", "--data", "synthetic",
               "--synthetic-size", "64", "--blur-kernel", "3", "--batch-size", "8", "--steps", "2",
-              "--log-every", "1", "--ac", "true", "--probe", "false", "--out", str(out)])
+              "--log-every", "1", "--ac", "true", "--fsdp-units", "block", "--probe", "false", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(_losses(out)) == [1, 2]

@@ -23,7 +23,8 @@ except ImportError as e:  # the loader turns this into BackendUnavailable
 from ._dispatch import BackendUnavailable
 
 
-def _check_runnable(q: Tensor) -> None:
+def _check_runnable(q: Tensor, head_dim: int | None = None) -> None:
+    """Device, dtype and head dim (``head_dim``: default q's last dim, the per-head layout)."""
     if q.device.type == "cpu" and not _kernels.INTERPRET:
         raise BackendUnavailable(
             "segment_attention backend 'triton' got CPU tensors: the kernels run on CUDA tensors, or on CPU "
@@ -34,9 +35,10 @@ def _check_runnable(q: Tensor) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"segment_attention backend 'triton' takes fp16, bf16 or fp32; got {q.dtype} — "
                         f"use backend='reference' or 'sdpa' for fp64")
-    if q.shape[-1] > _kernels.MAX_HEAD_DIM:
+    head_dim = q.shape[-1] if head_dim is None else head_dim
+    if head_dim > _kernels.MAX_HEAD_DIM:
         raise ValueError(f"segment_attention backend 'triton' takes head dims up to {_kernels.MAX_HEAD_DIM}; "
-                         f"got {q.shape[-1]} — use backend='sdpa' or split the heads")
+                         f"got {head_dim} — use backend='sdpa' or split the heads")
 
 
 @torch.library.custom_op("randsac_fast::segment_attn_fwd", mutates_args=())
@@ -214,10 +216,7 @@ class _FusedCross(torch.autograd.Function):
 def fused_attention_triton(q_src: Tensor, kv_src: Tensor | None, bounds, num_heads: int, scale: float) -> Tensor:
     """Self-attention from qkv [B, N, 3*H*D] (kv_src None) or cross-attention from q [B, Nq, H*D] and
     kv [B, Nk, 2*H*D] -> [B, Nq, H*D]; ``bounds``: a SegmentBounds (kv_len, q_start)."""
-    _check_runnable(q_src)
-    if q_src.shape[-1] // (3 if kv_src is None else 1) // num_heads > _kernels.MAX_HEAD_DIM:
-        raise ValueError(f"segment_attention backend 'triton' takes head dims up to {_kernels.MAX_HEAD_DIM}; "
-                         f"use backend='sdpa' or more heads")
+    _check_runnable(q_src, q_src.shape[-1] // (3 if kv_src is None else 1) // num_heads)
     if kv_src is None:
         return _FusedSelf.apply(q_src.contiguous(), bounds.kv_len, bounds.q_start, num_heads, float(scale))
     return _FusedCross.apply(q_src.contiguous(), kv_src.contiguous(), bounds.kv_len, bounds.q_start, num_heads,

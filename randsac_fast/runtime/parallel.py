@@ -83,13 +83,19 @@ def transformer_blocks(model: nn.Module) -> list[nn.ModuleList]:
 
 
 def parallelize(model: nn.Module, dist_info: Dist, *, ac: bool = False, compile="none",
-                mixed_precision: bool | None = None, shard: bool | None = None) -> nn.Module:
+                mixed_precision: bool | None = None, shard: bool | None = None,
+                per_block: bool | None = None) -> nn.Module:
     """In place: activation checkpointing, compile (see :data:`COMPILE_MODES`), then ``fully_shard``
     each block and the root.
 
     mixed_precision (default: on for CUDA): bf16 parameters for compute, fp32 gradient reduction,
     fp32 master weights in the optimizer. shard (default: unless world size 1 without mixed
     precision): wrap with FSDP2; an unwrapped model gets a no-op ``set_requires_gradient_sync``.
+    per_block (default: on CUDA only): one FSDP unit per transformer block (its all-gather overlaps
+    the previous block's compute, and only one block's full parameters are live), else one unit at
+    the root (one all-gather and one reduce-scatter per step). On CPU processes (gloo), collectives
+    do not overlap compute and each costs a round trip, so per-block units only add latency: the
+    digits demo at 2 processes ran 1424 img/s per-block and 2120 img/s root-only, same losses.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -108,7 +114,9 @@ def parallelize(model: nn.Module, dist_info: Dist, *, ac: bool = False, compile=
               if mixed_precision else MixedPrecisionPolicy())
     fsdp = dict(mesh=mesh, mp_policy=policy)
     _blocks_only(model, ac, mode)
-    for blocks in transformer_blocks(model):
+    if per_block is None:
+        per_block = dist_info.device.type == "cuda"
+    for blocks in transformer_blocks(model) if per_block else ():
         for block in blocks:
             fully_shard(block, **fsdp)
             if hasattr(block, "cross"):  # SAIM's query stream calls blocks through .cross, not forward

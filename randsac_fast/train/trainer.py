@@ -101,7 +101,8 @@ class Trainer:
 
         # ---- model: FSDP2 per block and at the root; optimizer -----------------------------
         self.num_params = sum(p.numel() for p in model.parameters())
-        self.model = parallelize(model.to(self.device), self.dist, ac=t.ac, compile=t.compile)
+        self.model = parallelize(model.to(self.device), self.dist, ac=t.ac, compile=t.compile,
+                                 per_block={"auto": None, "block": True, "root": False}[t.fsdp_units])
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=self.peak_lr,
                                            betas=tuple(o.betas),
                                            fused=self.FUSED_ADAMW and self.device.type == "cuda" or None)
