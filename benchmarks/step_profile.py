@@ -103,6 +103,7 @@ class StepTrace(TorchDispatchMode):
         super().__init__()
         self.counts = collections.Counter()       # (phase, kind) -> n
         self.ops = collections.Counter()          # (phase, op name) -> n
+        self.kernel_ops = collections.Counter()   # (phase, op name) -> n, the kernel-launching ones
         self.syncs = collections.Counter()        # op name -> n (forward on)
         self.phase = "other"
         self.synced_phase = False                 # True from the forward on
@@ -148,6 +149,7 @@ class StepTrace(TorchDispatchMode):
             self.counts[(phase, "inner_aten" if self.depth else "aten")] += 1
             if not (getattr(func, "is_view", False) or name in NO_KERNEL_OPS):
                 self.counts[(phase, "inner_kernel_ops" if self.depth else "kernel_ops")] += 1
+                self.kernel_ops[(phase, name)] += 1
             self.ops[(phase, name)] += 1
         out = func(*args, **kwargs)
         self._count_alloc(out, tensors)
@@ -319,6 +321,8 @@ def _profile(name, backend, batch, fsdp, warmup, count_shapes, stand_in) -> dict
     trainer, stream, model = build_step(name, backend, batch, fsdp)
     step = Trainer.train_step
     t0 = time.perf_counter()
+    if stand_in:                                # the outputs are garbage: the value checks would refuse them
+        ops.set_checks(False)
     for i in range(warmup):                     # the first step validates inputs (syncs), as in the trainer
         step(trainer, stream)
         if i == 0:
@@ -374,6 +378,9 @@ def _profile(name, backend, batch, fsdp, warmup, count_shapes, stand_in) -> dict
         "h2d_blocking_by_phase": {p: v for (p, k), v in c.items() if k == "h2d_blocking"},
         "top_ops": {p: dict(collections.Counter({k: v for (ph, k), v in trace.ops.items() if ph == p}).most_common(15))
                     for p in ("fwd", "bwd", "other", "optim")},
+        "kernel_ops_by_name": {p: dict(collections.Counter({k: v for (ph, k), v in trace.kernel_ops.items()
+                                                            if ph == p}).most_common())
+                               for p in ("fwd", "bwd", "other", "optim")},
     }
     del trainer, model
     gc.collect()

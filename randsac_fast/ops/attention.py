@@ -129,10 +129,11 @@ def visible_pairs(seg_q: Tensor, seg_k: Tensor, inclusive: bool) -> Tensor:
 # The fused-projection layout with precomputed bounds: what the models call.
 # ----------------------------------------------------------------------------------------------
 def _heads(x: Tensor, parts: int, num_heads: int) -> list[Tensor]:
-    """[B, N, parts*H*D] -> parts views [B, H, N, D] (no copy; last dim contiguous)."""
+    """[B, N, parts*H*D] -> parts views [B, H, N, D] (no copy; last dim contiguous). One ``unbind``
+    (not ``parts`` selects), so the backward writes the parts' gradients with one stack instead of a
+    zero-filled buffer plus a copy per part."""
     b, n, _ = x.shape
-    x = x.view(b, n, parts, num_heads, -1)
-    return [x[:, :, i].transpose(1, 2) for i in range(parts)]
+    return [t.transpose(1, 2) for t in x.view(b, n, parts, num_heads, -1).unbind(2)]
 
 
 def _qkv_views(q_src: Tensor, kv_src: Tensor | None, num_heads: int) -> list[Tensor]:
@@ -150,8 +151,7 @@ def _merge(out: Tensor) -> Tensor:
 def _fused_sdpa(q_src, kv_src, bounds: SegmentBounds, num_heads, scale):
     """SDPA with the prefix mask of the bounds (padded rows see nothing, output 0)."""
     q, k, v = _qkv_views(q_src, kv_src, num_heads)
-    seen = (bounds.kv_len > 0)[:, None, :, None]                              # [B, 1, Nq, 1]
-    mask = bounds.mask()[:, None] | ~seen
+    mask, seen = bounds.dense()                                 # built once per forward, shared by the layers
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return _merge(torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device)))
 

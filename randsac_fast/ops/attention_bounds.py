@@ -16,7 +16,7 @@ Then no search is needed at all, and a backend may use a plain causal kernel
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ class SegmentBounds:
     q_start: Tensor
     inclusive: bool
     causal: bool = False
+    _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)   # derived, on first use
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -47,6 +48,16 @@ class SegmentBounds:
     def mask(self) -> Tensor:
         """[B, Nq, Nk] bool: key j visible to query i iff j < kv_len[i] (the same prefixes as the kernels)."""
         return torch.arange(self.seg_k.shape[1], device=self.kv_len.device) < self.kv_len[..., None]
+
+    def dense(self) -> tuple[Tensor, Tensor]:
+        """(attn_mask [B, 1, Nq, Nk] bool, seen [B, 1, Nq, 1] bool) for a dense-mask kernel (SDPA):
+        rows that see no key attend to every key (no NaN) and are zeroed after by ``seen``. Built on
+        first use and kept, so every layer of a forward shares one mask (the bounds live one forward;
+        a plain dict, so a compiled forward traces the caching too)."""
+        if "dense" not in self._cache:
+            seen = (self.kv_len > 0)[:, None, :, None]
+            self._cache["dense"] = (self.mask()[:, None] | ~seen, seen)
+        return self._cache["dense"]
 
 
 def query_starts(kv_len: Tensor, num_keys: int) -> Tensor:
@@ -78,7 +89,8 @@ def segment_bounds(seg_q: Tensor, seg_k: Tensor, inclusive: bool, causal: bool =
     if causal:
         if nk < nq:
             raise ValueError(f"causal bounds need at least as many keys as queries; got Nq={nq}, Nk={nk}")
-        kv_len = torch.arange(1, nq + 1, dtype=torch.int32, device=seg_q.device).expand(b, nq)
+        # contiguous: kernels index kv_len[b, i] as a dense [B, Nq] array (an expand has batch stride 0)
+        kv_len = torch.arange(1, nq + 1, dtype=torch.int32, device=seg_q.device).expand(b, nq).contiguous()
         if checks_enabled(None):
             found = torch.searchsorted(seg_k.contiguous(), seg_q.contiguous(), right=inclusive, out_int32=True)
             if not torch.equal(found, kv_len):

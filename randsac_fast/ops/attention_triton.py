@@ -218,6 +218,8 @@ def fused_attention_triton(q_src: Tensor, kv_src: Tensor | None, bounds, num_hea
     kv [B, Nk, 2*H*D] -> [B, Nq, H*D]; ``bounds``: a SegmentBounds (kv_len, q_start)."""
     _check_runnable(q_src, q_src.shape[-1] // (3 if kv_src is None else 1) // num_heads)
     if kv_src is None:
-        return _FusedSelf.apply(q_src.contiguous(), bounds.kv_len, bounds.q_start, num_heads, float(scale))
-    return _FusedCross.apply(q_src.contiguous(), kv_src.contiguous(), bounds.kv_len, bounds.q_start, num_heads,
+        return _FusedSelf.apply(q_src.contiguous(), bounds.kv_len.contiguous(), bounds.q_start.contiguous(),
+                                num_heads, float(scale))
+    return _FusedCross.apply(q_src.contiguous(), kv_src.contiguous(), bounds.kv_len.contiguous(),
+                             bounds.q_start.contiguous(), num_heads,
                              float(scale))
