@@ -89,8 +89,12 @@ class Attention(nn.Module):
     def cross(self, x: Tensor, mem: Tensor, bounds: SegmentBounds) -> Tensor:
         """Cross-attention: queries from x [B, Nq, D], keys/values from mem [B, Nk, D]."""
         d = x.shape[-1]
-        q = F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d])
-        kv = F.linear(mem, self.qkv.weight[d:], self.qkv.bias[d:])
+        # split (not two slices): the backward joins the two weight gradients with one cat instead
+        # of zero-filling a full-size gradient per slice and adding them
+        w_q, w_kv = self.qkv.weight.split((d, 2 * d))
+        b_q, b_kv = self.qkv.bias.split((d, 2 * d))
+        q = F.linear(x, w_q, b_q)
+        kv = F.linear(mem, w_kv, b_kv)
         return self.proj(segment_attention_cross(q, kv, bounds, self.num_heads, backend=self.backend))
 
 
