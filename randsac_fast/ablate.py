@@ -115,7 +115,22 @@ def _train_cell(cfg: config_mod.Config, eval_images: int) -> dict:
     knn = knn_accuracy(encoder, _chunks(*train), _chunks(*val), k=t.knn_k)
     return {"spec": t.order, "seed": t.seed, "probe": probe, "knn": knn, "steps": steps,
             "train_s": round(train_s, 2), "eval_s": round(time.perf_counter() - start - train_s, 2),
-            "knn_k": t.knn_k}
+            "knn_k": t.knn_k, "in_chans": trainer.source.channels, "config": config_mod.to_dict(cfg)}
+
+
+def _check_cell(result: dict, cfg: config_mod.Config, path: str) -> None:
+    """A finished cell is reused only if it was trained with this run's settings (model and
+    training fields; output paths, cadences and speed switches may differ)."""
+    from .runtime.resume_config import compare
+    if "config" not in result:
+        raise ValueError(f"{path} does not record the settings it was trained with, so it cannot be reused "
+                         "safely; delete it (or its cell directory) to train the cell again")
+    shape, training = compare(result["config"], config_mod.to_dict(cfg), result.get("in_chans", 3))
+    changes = [(k, was, now) for k, was, now in shape + training if k not in ("order", "seed")]
+    if changes:
+        listing = ", ".join(f"{k} {was!r} -> {now!r}" for k, was, now in changes)
+        raise ValueError(f"{path} was trained with other settings ({listing}); use another --out for "
+                         "these settings, or delete the cell directory to train it again")
 
 
 def _spearman(a: list[float], b: list[float]) -> float | None:
@@ -231,14 +246,15 @@ def run(argv=None) -> dict:
         for seed in seeds:
             cell_dir = os.path.join(args.out, "cells", _cell_name(spec, seed))
             result_path = os.path.join(cell_dir, "result.json")
+            cfg = config_mod.parse_args(["--preset", args.preset, *train_flags, "--probe", "false", "--order", spec,
+                                         "--seed", str(seed), "--out", cell_dir, "--resume", "latest"])
             if os.path.exists(result_path):
                 with open(result_path) as fh:
                     cells.append(json.load(fh))
+                _check_cell(cells[-1], cfg, result_path)
                 print(f"{spec} seed {seed}: done before (probe {cells[-1]['probe']:.4f}, k-NN {cells[-1]['knn']:.4f})",
                       flush=True)
                 continue
-            cfg = config_mod.parse_args(["--preset", args.preset, *train_flags, "--probe", "false", "--order", spec,
-                                         "--seed", str(seed), "--out", cell_dir, "--resume", "latest"])
             result = _train_cell(cfg, args.eval_images)
             from .eval.probe import save_json
             save_json(result, result_path)

@@ -145,12 +145,12 @@ _CIFAR = dict(img_size=32, patch_size=4, data="cifar10", crop_scale=(0.2, 1.0), 
 PRESETS: dict[str, tuple[str, dict]] = {
     "digits": (
         "built-in demo: a tiny RandSAC ViT (4 encoder blocks, 1 decoder block, width 64) on the 8x8 "
-        "digits with 2x2 patches, pre-trained on 75% of the images (square:4, global batch 128, 2000 steps), then "
+        "digits with 2x2 patches, pre-trained on 75% of the images (square:4, global batch 128, 1500 steps), then "
         "a linear probe on the rest beside the random-init encoder and raw pixels",
         dict(model="randsac_vit_tiny", img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=2,
              decoder_depth=1, decoder_num_heads=2, norm_pix=False, order="square:4", data="digits",
              crop_scale=(0.8, 1.0), hflip=False, batch_size=128, blr=8e-3, betas=(0.9, 0.95),
-             weight_decay=0.05, warmup_steps=20, steps=2000, log_every=100, probe=True,
+             weight_decay=0.05, warmup_steps=20, steps=1500, log_every=100, probe=True,
              out="runs/digits")),
     "randsac_cifar10_square": (
         "RandSAC (Hua et al.) Sec. 5 + App. D.1, Tables 14/16: ViT-T, 32x32, P=4, 3-layer decoder, "

@@ -40,6 +40,12 @@ def test_ablation_grid_end_to_end_and_resumable(tmp_path, capsys):
     assert {p: os.path.getmtime(p) for p in stamp} == stamp
     assert again["specs"]["raster"]["probe"]["seeds"][:2] == summary["specs"]["raster"]["probe"]["seeds"]
 
+    # A finished cell is not reused under other settings: one clear error, nothing rerun or lost.
+    changed = [a if a != "2" else "3" for a in args[4:]]                   # --steps 2 -> 3
+    with pytest.raises(ValueError, match=r"raster_seed0/result.json was trained with other settings \(steps 2 -> 3\)"):
+        ablate.run(["--specs", "raster", "--seeds", "0", *changed])
+    assert {p: os.path.getmtime(p) for p in stamp} == stamp
+
 
 def test_ablation_refuses_flags_it_sets_per_cell(tmp_path, capsys):
     assert ablate.main(["--out", str(tmp_path), "--order", "random"]) == 1
