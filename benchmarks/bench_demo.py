@@ -34,7 +34,8 @@ def run_once(world: int, seed: int, out: str, extra: list[str]) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    rec = {"world_size": world, "seed": seed, "command": " ".join(cmd[1:]), "rc": proc.returncode,
+    shown = " ".join(cmd[1:]).replace(os.path.dirname(out) + os.sep, "RUN_DIR/")   # no machine paths in results
+    rec = {"world_size": world, "seed": seed, "command": shown, "rc": proc.returncode,
            "wall_s": round(wall, 1), "user_s": round(after.ru_utime - before.ru_utime, 1),
            "sys_s": round(after.ru_stime - before.ru_stime, 1), "load_1min_start": load_start,
            "load_1min_end": os.getloadavg()[0], "aborted": "terminate called" in proc.stderr}
