@@ -10,9 +10,7 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import torch
@@ -44,23 +42,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def median_ms(fn, device: torch.device, reps: int, warmup: int = 3) -> float:
-    """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median wall time of fn() in milliseconds (CUDA events on a GPU): the package's own timer, the
+    one ``auto`` backend selection measures with."""
+    from randsac_fast.ops.autotune import time_ms
+    return time_ms(fn, device, warmup=warmup, reps=reps)
 
 
 def copy_bandwidth(device: torch.device, reps: int, nbytes: int = 1 << 30) -> float:
