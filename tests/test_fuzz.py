@@ -136,7 +136,7 @@ def _check_reference_against_naive(args, what):
 
 @pytest.mark.parametrize("index", range(12))
 def test_attention_fuzz_triton(index):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="needs triton (pip install '.[triton]')")
     args, what = _attention_case(index, triton=True)
     _check_attention(args, what, "triton")
 
@@ -162,7 +162,7 @@ def _target_case(index: int):
 
 @pytest.mark.parametrize("index", range(6))
 def test_patch_targets_fuzz_triton(index):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="needs triton (pip install '.[triton]')")
     _, _, images, p, perm, kw, what = _target_case(index)
     fast = ops.patch_targets(images, p, perm=perm, backend="triton", **kw)
     plain = ops.patch_targets(images, p, perm=perm, backend="reference", **kw)
@@ -172,7 +172,7 @@ def test_patch_targets_fuzz_triton(index):
 
 @pytest.mark.parametrize("index", range(6))
 def test_patch_loss_fuzz_triton(index):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="needs triton (pip install '.[triton]')")
     rng, gen, images, p, perm, kw, what = _target_case(100 + index)
     loss = rng.choice(["mse", "l1"])
     valid = (torch.rand(perm.shape, generator=gen) < 0.7).to(DEVICE) if rng.random() < 0.5 else None
@@ -194,7 +194,7 @@ def test_patch_loss_fuzz_triton(index):
 
 @pytest.mark.parametrize("index", range(6))
 def test_skip_memory_fuzz_triton(index):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="needs triton (pip install '.[triton]')")
     rng = random.Random(3000 + index)
     gen = torch.Generator().manual_seed(3000 + index)
     lenc, ldec = rng.randint(1, 6), rng.randint(1, 5)

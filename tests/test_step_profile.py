@@ -11,7 +11,7 @@ if not torch.cuda.is_available():      # the Triton kernels under the interprete
 import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-step_profile = pytest.importorskip("step_profile")
+import step_profile  # noqa: E402   (part of this repository: an import error is a failure, not a skip)
 
 TINY = {  # name: (model, overrides, order spec), as step_profile.CONFIGS
     "tiny RandSAC square:4": ("randsac_vit_tiny", dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
@@ -25,7 +25,7 @@ COUNTS = ("total_aten", "kernel_ops", "launches", "triton_launches", "fwd_custom
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_stand_in_counts_equal_the_interpreted_kernels(name, monkeypatch):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="needs triton (pip install '.[triton]')")
     monkeypatch.setattr(step_profile, "CONFIGS", TINY)
     real = step_profile.profile(name, "triton", 2, False, warmup=2, count_shapes=False)
     stand_in = step_profile.profile(name, "triton", 2, False, warmup=2, count_shapes=False, stand_in=True)
