@@ -125,7 +125,7 @@ def _check_cell(result: dict, cfg: config_mod.Config, path: str) -> None:
     if "config" not in result:
         raise ValueError(f"{path} does not record the settings it was trained with, so it cannot be reused "
                          "safely; delete it (or its cell directory) to train the cell again")
-    shape, training = compare(result["config"], config_mod.to_dict(cfg), result.get("in_chans", 3))
+    shape, training = compare(result["config"], config_mod.to_dict(cfg), result["in_chans"])
     changes = [(k, was, now) for k, was, now in shape + training if k not in ("order", "seed")]
     if changes:
         listing = ", ".join(f"{k} {was!r} -> {now!r}" for k, was, now in changes)

@@ -53,9 +53,10 @@ def resume_changes(saved: dict | None, now: dict) -> list[str]:
     if not saved or saved.get("kind") != "shards" or now.get("kind") != "shards":
         return []
     names = {"shards": "shards", "world": "ranks", "workers": "--workers per rank", "batch_size": "per-rank batch"}
-    same = {"workers": lambda a, b: max(1, a) == max(1, b)}     # 0 workers (in-process) reads as 1 worker
-    changed = [f"{names[k]} {saved[k]} -> {now.get(k)}" for k in names
-               if k in saved and not same.get(k, lambda a, b: a == b)(saved[k], now.get(k))]
+
+    def layout(state: dict, key: str):
+        return max(1, state[key]) if key == "workers" else state.get(key)   # 0 workers reads as 1 (in-process)
+    changed = [f"{names[k]} {saved[k]} -> {now.get(k)}" for k in names if k in saved and layout(saved, k) != layout(now, k)]
     if not changed:
         return []
     epochs = sorted({w["epoch"] for w in saved.get("rank0_workers") or []})
