@@ -157,8 +157,9 @@ def patch_targets(images: Tensor, patch_size: int, *, blur_kernel: int = 0, blur
 # --------------------------------------------------------------------------------------------
 # Skip memory (RandSAC A.3): Z_l = sum_k W[l, k] H_k
 # --------------------------------------------------------------------------------------------
-def skip_memory(hidden: Tensor, weight: Tensor) -> Tensor:
-    """hidden: [Lenc, B, N, D], weight: [Ldec, Lenc] -> [Ldec, B, N, D]."""
+def skip_memory(hidden, weight: Tensor) -> Tensor:
+    """hidden: [Lenc, B, N, D] (or a list of Lenc [B, N, D]), weight: [Ldec, Lenc] -> [Ldec, B, N, D]."""
+    hidden = hidden if isinstance(hidden, Tensor) else torch.stack(list(hidden))
     return torch.einsum("lk,kbnd->lbnd", weight.to(hidden.dtype), hidden)
 
 

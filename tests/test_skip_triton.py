@@ -67,6 +67,43 @@ def test_backward_many_blocks_per_program_is_deterministic(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_list_of_states_matches_float64(dtype):
+    """The model's call: Lenc separate [B, N, D] states (no stack). Values and per-state gradients
+    match the float64 reference by the rule, and nothing copies the states into one buffer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(5)
+    lenc, ldec, shape = 4, 3, (2, 5, 24)
+    states = [torch.randn(*shape, generator=g).to(dtype).to(DEVICE) for _ in range(lenc)]
+    weight = torch.randn(ldec, lenc, generator=g).to(DEVICE)
+    grad_out = torch.randn(ldec, *shape, generator=g).to(dtype).to(DEVICE)
+
+    class Ops(TorchDispatchMode):
+        names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def run(fn, hs, w):
+        hs = [h.detach().requires_grad_() for h in hs]
+        w = w.detach().requires_grad_()
+        z = fn(hs, w)
+        return (z, *torch.autograd.grad(z, (*hs, w), grad_out.to(z.dtype)))
+
+    with Ops() as mode:
+        fast = run(lambda hs, w: skip_memory(hs, w, backend="triton"), states, weight)
+    assert not {"stack", "cat", "copy_", "clone"} & set(mode.names), mode.names
+    plain = run(reference.skip_memory, states, weight)
+    ref = run(reference.skip_memory, [h.double() for h in states], weight.double())
+    floor = 4 * torch.finfo(torch.float32).eps
+    names = ["Z", *(f"dH[{k}]" for k in range(lenc)), "dW"]
+    for name, f, t, r in zip(names, fast, plain, ref):
+        assert f.dtype == t.dtype
+        assert_close_by_rule(f, t, r, what=f"list {name} {dtype}", floor=floor * r.abs().max().item())
+
+
 def test_non_contiguous_hidden():
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(2, 4, 3, 6, generator=g).to(DEVICE).transpose(0, 1)   # [4, 2, 3, 6] view
@@ -83,6 +120,12 @@ def test_errors(monkeypatch):
         skip_memory(hidden, torch.zeros(2, 3, device=DEVICE), backend="triton")
     with pytest.raises(TypeError, match="floating point"):
         skip_memory(hidden.long(), torch.zeros(2, 4, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="list of \\[B, N, D\\] tensors of one shape"):
+        skip_memory([hidden[0], hidden[1, :, :2]], torch.zeros(2, 2, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="share one dtype"):
+        skip_memory([hidden[0], hidden[1].half()], torch.zeros(2, 2, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="Lenc = 2"):
+        skip_memory([hidden[0], hidden[1]], torch.zeros(2, 4, device=DEVICE), backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
         skip_memory(torch.zeros(4, 2, 3, 8), torch.zeros(2, 4), backend="triton")
@@ -95,7 +138,8 @@ def test_opcheck():
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(3, 2, 4, 8, generator=g).to(DEVICE).requires_grad_()
     weight = torch.randn(2, 3, generator=g).to(DEVICE).requires_grad_()
-    opcheck(torch.ops.randsac_fast.skip_memory_triton.default, (hidden, weight))
+    states = [h.detach().requires_grad_() for h in hidden.unbind(0)]
+    opcheck(torch.ops.randsac_fast.skip_memory_triton.default, (states, weight))
 
 
 @needs_cuda

@@ -1,8 +1,9 @@
 """Triton kernels for RandSAC's skip memory, Z_l = sum_k W[l, k] H_k.
 
-The op is memory-bound (Lenc, Ldec ~ 12, 8 flops per byte), so the schedule is about bytes: the
-encoder states are viewed as [Lenc, M] (M = B*N*D, contiguous) and each program owns a block of
-M columns for *all* decoder layers, so every H_k is read once and every Z_l written once.
+The op is memory-bound (Lenc, Ldec ~ 12, 8 flops per byte), so the schedule is about bytes: each
+encoder state H_k is its own contiguous [M] tensor (M = B*N*D; the kernels take a tuple of Lenc
+pointers, so the states are never stacked into one copy) and each program owns a block of M
+columns for *all* decoder layers, so every H_k is read once and every Z_l written once.
 Backward likewise reads dZ and H once and writes dH once; dW is accumulated per program in
 registers and written to a [programs, LD, LK] buffer that the caller sums in a fixed order
 (deterministic, no atomics).
@@ -25,27 +26,25 @@ def num_blocks(m: int) -> int:
 
 
 @triton.jit
-def skip_fwd_kernel(h_ptr, w_ptr, z_ptr, M, LDEC, LENC: tl.constexpr, LD: tl.constexpr, BLOCK: tl.constexpr):
-    """h: [LENC, M], w: [LDEC, LENC] contiguous -> z: [LDEC, M]. Grid: cdiv(M, BLOCK)."""
+def skip_fwd_kernel(h_ptrs, w_ptr, z_ptr, M, LDEC, LENC: tl.constexpr, LD: tl.constexpr, BLOCK: tl.constexpr):
+    """h_ptrs: LENC pointers to [M], w: [LDEC, LENC] contiguous -> z: [LDEC, M]. Grid: cdiv(M, BLOCK)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m_ok = offs < M
     l = tl.arange(0, LD)
     l_ok = l < LDEC
     acc = tl.zeros((LD, BLOCK), tl.float32)
-    h_k = h_ptr + offs                       # advanced by M per layer: 64-bit pointer arithmetic
     for k in tl.static_range(LENC):         # unrolled: the Lenc loads of a block are all in flight
-        h = tl.load(h_k, mask=m_ok, other=0.0).to(tl.float32)
+        h = tl.load(h_ptrs[k] + offs, mask=m_ok, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + l * LENC + k, mask=l_ok, other=0.0).to(tl.float32)
         acc += w[:, None] * h[None, :]
-        h_k += M
     tl.store(z_ptr + l.to(tl.int64)[:, None] * M + offs[None, :], acc.to(z_ptr.dtype.element_ty),
              mask=l_ok[:, None] & m_ok[None, :])
 
 
 @triton.jit
-def skip_bwd_kernel(dz_ptr, h_ptr, w_ptr, dh_ptr, dw_part_ptr, M, LDEC, n_blocks, LENC: tl.constexpr,
+def skip_bwd_kernel(dz_ptr, h_ptrs, w_ptr, dh_ptrs, dw_part_ptr, M, LDEC, n_blocks, LENC: tl.constexpr,
                     LD: tl.constexpr, LK: tl.constexpr, BLOCK: tl.constexpr):
-    """dh[k] = sum_l w[l, k] dz[l];  dw_part[pid, l, k] = sum over this program's blocks of
+    """dh[k] = sum_l w[l, k] dz[l] (dh_ptrs: LENC pointers to [M]);  dw_part[pid, l, k] = sum over this program's blocks of
     <dz[l], h[k]>. Grid: min(n_blocks, MAX_BWD_PROGRAMS); program pid takes blocks pid, pid+G, ..."""
     pid = tl.program_id(0)
     l = tl.arange(0, LD)
@@ -57,14 +56,10 @@ def skip_bwd_kernel(dz_ptr, h_ptr, w_ptr, dh_ptr, dw_part_ptr, M, LDEC, n_blocks
         m_ok = offs < M
         dz = tl.load(dz_ptr + l.to(tl.int64)[:, None] * M + offs[None, :],
                      mask=l_ok[:, None] & m_ok[None, :], other=0.0).to(tl.float32)    # [LD, BLOCK]
-        h_k = h_ptr + offs
-        dh_k = dh_ptr + offs
         for k in tl.static_range(LENC):
             w = tl.load(w_ptr + l * LENC + k, mask=l_ok, other=0.0).to(tl.float32)  # W[:, k]
             dh = tl.sum(w[:, None] * dz, axis=0)
-            tl.store(dh_k, dh.to(dh_ptr.dtype.element_ty), mask=m_ok)
-            h = tl.load(h_k, mask=m_ok, other=0.0).to(tl.float32)
+            tl.store(dh_ptrs[k] + offs, dh.to(dh_ptrs[k].dtype.element_ty), mask=m_ok)
+            h = tl.load(h_ptrs[k] + offs, mask=m_ok, other=0.0).to(tl.float32)
             dw += tl.where(kk[None, :] == k, tl.sum(dz * h[None, :], axis=1)[:, None], 0.0)
-            h_k += M
-            dh_k += M
     tl.store(dw_part_ptr + pid * (LD * LK) + l[:, None] * LK + kk[None, :], dw)

@@ -152,7 +152,7 @@ class RandSAC(ViTEncoder, PretrainedMixin):
         hidden[-1] = self.norm(x)
         if self.skip_weight is None:
             return [hidden[-1]] * len(self.decoder_blocks)
-        mem = ops.skip_memory(torch.stack(hidden), self.skip_weight, backend=self.aux_backend())
+        mem = ops.skip_memory(hidden, self.skip_weight, backend=self.aux_backend())   # a list: no stack
         return list(mem.unbind(0))
 
     # ---- decoder -----------------------------------------------------------------------------

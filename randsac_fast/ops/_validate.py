@@ -105,7 +105,8 @@ def target_args(images: Tensor, patch_size, blur_kernel, blur_sigma, norm_pix) -
     return norm_pix
 
 
-def skip_args(hidden: Tensor, weight: Tensor) -> None:
-    """``skip_memory``'s data when checks are on."""
-    finite(hidden, "hidden", _UPSTREAM)
+def skip_args(hidden: list[Tensor], weight: Tensor) -> None:
+    """``skip_memory``'s data when checks are on (hidden: the Lenc states)."""
+    for k, h in enumerate(hidden):
+        finite(h, f"hidden[{k}]", _UPSTREAM)
     finite(weight, "weight", _UPSTREAM)
