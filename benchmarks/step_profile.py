@@ -11,8 +11,14 @@ clipping, AdamW), for three configurations:
 * ``RandSAC-192 blob:11/5``: the same model on hierarchical blob orders;
 * ``SAIM-224 random``: ``saim_vit_base`` (224 px, query_depth 12, blur 9).
 
-each without FSDP and (``--fsdp``, default on) wrapped with FSDP2 at world size 1 as the trainer
-does it, so the cost of the wrapping shows. Reported per row:
+each in the wrappings of ``--wraps`` (world size 1): ``none`` (fp32, unwrapped: the CPU default),
+``fsdp`` (fp32, FSDP2 per block), ``fsdp-bf16`` (FSDP2 per block with the bf16 mixed-precision
+policy: the CUDA default before master weights) and ``master-bf16`` (the trainer's CUDA default
+at world size 1: :class:`~randsac_fast.runtime.parallel.MasterWeights`, a bf16 compute copy and
+fp32 masters, no FSDP), so the cost of each wrapping shows. The bf16 rows compute in bf16 on the
+CPU too, so their casts and copies are counted as a GPU would launch them — except FSDP2's
+copy-in / copy-out, which on a GPU are a few multi-tensor kernels per unit but per-parameter
+copies on a CPU (the ``copy_`` counts of ``fsdp`` rows overstate a GPU's). Reported per row:
 
 * ``fwd_aten`` / ``bwd_aten`` / ``other_aten`` / ``optim_aten``: aten ops dispatched in the forward
   + loss, the backward (ops run by the autograd engine), the rest of the step (order sampling,
@@ -272,7 +278,14 @@ class PhaseHooks:
             h.remove()
 
 
-def build_step(name: str, backend: str, batch: int, fsdp: bool, seed: int = 0):
+WRAPS = ("none", "fsdp", "fsdp-bf16", "master-bf16")
+
+
+def _wrap_name(wrap) -> str:
+    return {False: "none", True: "fsdp"}.get(wrap, wrap) if isinstance(wrap, bool) else wrap
+
+
+def build_step(name: str, backend: str, batch: int, wrap="none", seed: int = 0):
     """A stand-in Trainer (just what ``Trainer.train_step`` reads) for one configuration."""
     from randsac_fast.runtime.parallel import init_distributed, parallelize
     model_name, overrides, spec = CONFIGS[name]
@@ -283,7 +296,15 @@ def build_step(name: str, backend: str, batch: int, fsdp: bool, seed: int = 0):
     dist_info = init_distributed("auto")
     device = dist_info.device
     model = model.to(device)
-    if "shard" in inspect.signature(parallelize).parameters:     # the trainer's own wrapping, forced on / off
+    wrap = _wrap_name(wrap)
+    fsdp = wrap.startswith("fsdp")
+    params = inspect.signature(parallelize).parameters
+    if "master_weights" in params:              # the trainer's own wrapping, forced to this row's
+        model = parallelize(model, dist_info, shard=fsdp, per_block=True, mixed_precision=wrap.endswith("bf16"),
+                            master_weights=wrap == "master-bf16")
+    elif wrap.endswith("bf16"):
+        raise SystemExit(f"--wraps {wrap}: this commit's parallelize has no bf16 option to force on a CPU")
+    elif "shard" in params:
         model = parallelize(model, dist_info, shard=fsdp, per_block=True)   # the CUDA layout
     elif fsdp:
         model = parallelize(model, dist_info, compile=False)
@@ -295,6 +316,7 @@ def build_step(name: str, backend: str, batch: int, fsdp: bool, seed: int = 0):
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4,
                                   **({"fused": True} if fused else {"foreach": True}))
     trainer = SimpleNamespace(cfg=cfg, model=model, optimizer=optimizer, device=device, step=0, micro=0,
+                              mixed=getattr(model, "master_weights", None),
                               plan=SimpleNamespace(accum=1, global_batch=batch),
                               total_steps=1000, warmup=10, peak_lr=1e-4, grid=model.grid,
                               order_spec=orders.check_fits(spec, model.grid),
@@ -311,14 +333,15 @@ def build_step(name: str, backend: str, batch: int, fsdp: bool, seed: int = 0):
     return trainer, stream(), model
 
 
-def profile(name: str, backend: str, batch: int, fsdp: bool, warmup: int, count_shapes: bool = True,
+def profile(name: str, backend: str, batch: int, wrap="none", warmup: int = 2, count_shapes: bool = True,
             stand_in: bool = False) -> dict:
+    """wrap: one of :data:`WRAPS` (or False / True for none / fsdp)."""
     with triton_stand_in() if stand_in else contextlib.nullcontext():
-        return _profile(name, backend, batch, fsdp, warmup, count_shapes, stand_in)
+        return _profile(name, backend, batch, _wrap_name(wrap), warmup, count_shapes, stand_in)
 
 
-def _profile(name, backend, batch, fsdp, warmup, count_shapes, stand_in) -> dict:
-    trainer, stream, model = build_step(name, backend, batch, fsdp)
+def _profile(name, backend, batch, wrap, warmup, count_shapes, stand_in) -> dict:
+    trainer, stream, model = build_step(name, backend, batch, wrap)
     step = Trainer.train_step
     t0 = time.perf_counter()
     if stand_in:                                # the outputs are garbage: the value checks would refuse them
@@ -354,7 +377,7 @@ def _profile(name, backend, batch, fsdp, warmup, count_shapes, stand_in) -> dict
     ops.set_checks(True)
     c = trace.counts
     row = {
-        "config": name, "backend": backend, "wrap": "fsdp" if fsdp else "none", "batch": batch,
+        "config": name, "backend": backend, "wrap": wrap, "batch": batch,
         "kernels": "stand-in (launch counted, not run)" if stand_in else "run",
         "fwd_aten": c[("fwd", "aten")], "bwd_aten": c[("bwd", "aten")], "other_aten": c[("other", "aten")],
         "optim_aten": c[("optim", "aten")],
@@ -393,17 +416,23 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2, help="untraced steps first (the first one validates inputs)")
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--no-fsdp", dest="fsdp", action="store_false", help="skip the FSDP-wrapped rows")
+    p.add_argument("--wraps", default="none,fsdp",
+                   help=f"comma-separated wrappings to trace, of {', '.join(WRAPS)} (see the module docstring)")
+    p.add_argument("--no-fsdp", dest="fsdp", action="store_false", help="only the unwrapped rows (--wraps none)")
     p.add_argument("--label", default="", help="tag for the JSON file name, e.g. before / after")
     p.add_argument("--kernels", choices=("run", "stand-in"), default="run",
                    help="stand-in: count Triton launches without running them (see triton_stand_in); the "
                         "Triton backend on CPU needs TRITON_INTERPRET=1 either way")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    wraps = [w for w in args.wraps.split(",") if w] if args.fsdp else ["none"]
+    for w in wraps:
+        if w not in WRAPS:
+            p.error(f"--wraps: {w!r} is not one of {', '.join(WRAPS)}")
     rows = []
     for name in args.configs:
-        for fsdp in ((False, True) if args.fsdp else (False,)):
-            row = profile(name, args.backend, args.batch, fsdp, args.warmup, count_shapes=not fsdp,
+        for wrap in wraps:
+            row = profile(name, args.backend, args.batch, wrap, args.warmup, count_shapes=wrap == "none",
                           stand_in=args.kernels == "stand-in")
             rows.append(row)
             print(f"{name} [{row['wrap']}]: {row['total_aten']} aten ops, {row['host_syncs']} syncs "

@@ -111,6 +111,10 @@ class TrainConfig:
                           "overlap compute, one block's parameters live at a time), root (one unit: one "
                           "all-gather and one reduce-scatter per step), auto = block on CUDA, root on CPU "
                           "(gloo collectives do not overlap compute)", "auto")
+    master_weights: bool = doc("at world size 1 with bf16 compute (CUDA): a bf16 copy of the model computes and "
+                               "the fp32 model holds the master weights, without FSDP2 (FSDP2's mixed-precision "
+                               "numerics, without its per-parameter casts, all-gathers and hooks); "
+                               "--no-master-weights wraps with FSDP2 as at larger world sizes", True)
     probe: bool = doc("after training, fit a linear probe on frozen avg-pooled features (digits only)",
                       False)
     knn_every: int = doc("every K optimizer steps, log knn_top1: weighted k-NN accuracy of the encoder's "
@@ -667,7 +671,7 @@ RULES: dict[str, Rule] = {
     "ckpt_every": at_least(0), "keep": at_least(1), "log_every": at_least(1),
     "compile": one_of("none", "block", "whole", "whole-cudagraphs"),
     "fsdp_units": one_of("auto", "block", "root"),
-    "ac": boolean(), "probe": boolean(), "knn_every": at_least(0), "knn_k": at_least(1),
+    "ac": boolean(), "master_weights": boolean(), "probe": boolean(), "knn_every": at_least(0), "knn_k": at_least(1),
     "knn_images": optional(at_least(1)), "device": Rule(_device, "auto, cpu or cuda"),
     "wandb": boolean(), "wandb_project": text(), "allow_changed": boolean(), "force": boolean(),
 }

@@ -24,6 +24,22 @@ from torch import Tensor
 from ..orders import SENTINEL
 
 
+class _Derived:
+    """Masks derived from one forward's bounds, built on first use. Not a dict (nor a dataclass):
+    FSDP2's mixed-precision input cast rebuilds dataclass arguments with ``dataclasses.replace``
+    and copies dicts, but passes other objects through, so every block's copy of the bounds
+    shares this one cache. (No ``__init__``: a compiled forward builds it through
+    :func:`_derived`, which dynamo traces; a class with its own ``__init__`` it refuses.)"""
+
+    values: dict
+
+
+def _derived() -> _Derived:
+    d = _Derived()
+    d.values = {}
+    return d
+
+
 @dataclass(frozen=True)
 class SegmentBounds:
     """seg_q [B, Nq], seg_k [B, Nk] int32 (sorted rows), kv_len [B, Nq] int32, q_start [B, Nk] int32."""
@@ -34,7 +50,7 @@ class SegmentBounds:
     q_start: Tensor
     inclusive: bool
     causal: bool = False
-    _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)   # derived, on first use
+    derived: _Derived = field(default_factory=_derived, compare=False, repr=False)   # see _Derived
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -53,11 +69,12 @@ class SegmentBounds:
         """(attn_mask [B, 1, Nq, Nk] bool, seen [B, 1, Nq, 1] bool) for a dense-mask kernel (SDPA):
         rows that see no key attend to every key (no NaN) and are zeroed after by ``seen``. Built on
         first use and kept, so every layer of a forward shares one mask (the bounds live one forward;
-        a plain dict, so a compiled forward traces the caching too)."""
-        if "dense" not in self._cache:
+        a plain dict in a plain object, so a compiled forward traces the caching too)."""
+        cache = self.derived.values
+        if "dense" not in cache:
             seen = (self.kv_len > 0)[:, None, :, None]
-            self._cache["dense"] = (self.mask()[:, None] | ~seen, seen)
-        return self._cache["dense"]
+            cache["dense"] = (self.mask()[:, None] | ~seen, seen)
+        return cache["dense"]
 
 
 def query_starts(kv_len: Tensor, num_keys: int) -> Tensor:

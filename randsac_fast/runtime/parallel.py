@@ -1,9 +1,11 @@
 """Process group and model parallelisation: FSDP2 per transformer block and at the root.
 
-At world size 1 without mixed precision (the CPU) nothing is sharded: FSDP2 there only adds
-parameter copies and hooks (the step trace of ``benchmarks/step_profile.py`` counts ~1,000 more
-dispatched ops per ViT-B step with it). On CUDA the wrapping stays, because it carries the bf16
-mixed-precision policy.
+At world size 1 nothing is sharded by default: FSDP2 there only adds parameter copies, casts and
+hooks (``benchmarks/step_profile.py`` counts them). Without mixed precision (the CPU) the model runs
+as it is; with bf16 compute (CUDA) the trainer asks for :class:`MasterWeights` instead: a bf16
+copy of the model computes, the fp32 model keeps the weights the optimizer and the checkpoints
+see — FSDP2's mixed-precision numerics, with a few multi-tensor copies per step in place of
+FSDP's per-parameter casts and all-gathers.
 
 One code path for every launch: under torchrun the environment names rank and world size; a plain
 ``python -m`` run becomes a one-process group (an in-memory store), so the trainer always talks to
@@ -11,6 +13,7 @@ One code path for every launch: under torchrun the environment names rank and wo
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from dataclasses import dataclass
@@ -20,7 +23,8 @@ import torch.utils.checkpoint
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "init_distributed", "parallelize", "transformer_blocks", "COMPILE_MODES", "compile_mode"]
+__all__ = ["Dist", "init_distributed", "parallelize", "transformer_blocks", "COMPILE_MODES", "compile_mode",
+           "MasterWeights"]
 
 #: --compile: none | block (each transformer block) | whole (forward + loss, fullgraph) |
 #: whole-cudagraphs (whole, mode="reduce-overhead": CUDA-graph replay, GPU only, unmeasured so far).
@@ -82,15 +86,84 @@ def transformer_blocks(model: nn.Module) -> list[nn.ModuleList]:
     return lists
 
 
+class MasterWeights:
+    """bf16 compute with fp32 master weights, without FSDP (world size 1).
+
+    ``master`` (the model handed in, fp32) is what the optimizer, the checkpoints, the gradient
+    norm and ``train_flops`` see; ``compute`` is a copy whose parameters are ``dtype``, and the
+    master's ``forward`` / ``forward_features`` run it (floating inputs cast to ``dtype``, as
+    FSDP2's policy casts them). The owner of the step calls :meth:`grads_to_master` after each
+    backward (the bf16 gradients are copied — first micro-batch — or added into persistent fp32
+    buffers that become the masters' ``.grad``) and :meth:`params_to_compute` after each optimizer
+    step and each checkpoint load (one multi-tensor copy, rounding to ``dtype``). The numerics are
+    FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` at world size 1 (tested
+    against it); what goes away is FSDP's per-parameter casts, all-gathers and hooks.
+    """
+
+    def __init__(self, master: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        self.master, self.dtype = master, dtype
+        self.compute = copy.deepcopy(master)
+        with torch.no_grad():
+            for p in self.compute.parameters():
+                p.data = p.data.to(dtype)
+        self.compute.register_forward_pre_hook(self._cast_inputs, with_kwargs=True)
+        self.pairs = list(zip(master.parameters(), self.compute.parameters()))
+        self.grads: list[torch.Tensor | None] = [None] * len(self.pairs)   # fp32, allocated once
+        self.written = [False] * len(self.pairs)                           # this step's buffers
+
+    def _cast_inputs(self, module, args, kwargs):
+        from torch.utils._pytree import tree_map_only
+        cast = lambda t: t.to(self.dtype) if t.is_floating_point() else t   # noqa: E731
+        return tree_map_only(torch.Tensor, cast, (args, kwargs))
+
+    def attach(self) -> nn.Module:
+        """Route the master's calls to the compute copy; returns the master."""
+        m, compute = self.master, self.compute
+        m.master_weights = self
+        m.forward = lambda *args, **kwargs: compute(*args, **kwargs)
+        if hasattr(m, "forward_features"):
+            m.forward_features = lambda images, *args, **kwargs: compute.forward_features(
+                images.to(self.dtype) if images.is_floating_point() else images, *args, **kwargs)
+        return m
+
+    @torch.no_grad()
+    def grads_to_master(self) -> None:
+        """Move the compute copy's gradients (set to None after) into the masters' fp32 ``.grad``."""
+        fresh, fresh_src, acc, acc_src = [], [], [], []
+        for i, (m, c) in enumerate(self.pairs):
+            if c.grad is None:
+                continue
+            if self.grads[i] is None:
+                self.grads[i] = torch.empty_like(m, memory_format=torch.contiguous_format)
+            dst, src = (acc, acc_src) if self.written[i] else (fresh, fresh_src)
+            dst.append(self.grads[i])
+            src.append(c.grad)
+            self.written[i] = True
+            m.grad = self.grads[i]
+            c.grad = None
+        if fresh:
+            torch._foreach_copy_(fresh, fresh_src)
+        if acc:
+            torch._foreach_add_(acc, acc_src)
+
+    @torch.no_grad()
+    def params_to_compute(self) -> None:
+        """Round the master weights into the compute copy (after a step or a load)."""
+        self.written = [False] * len(self.pairs)
+        torch._foreach_copy_([c for _, c in self.pairs], [m for m, _ in self.pairs])
+
+
 def parallelize(model: nn.Module, dist_info: Dist, *, ac: bool = False, compile="none",
                 mixed_precision: bool | None = None, shard: bool | None = None,
-                per_block: bool | None = None) -> nn.Module:
+                per_block: bool | None = None, master_weights: bool = False) -> nn.Module:
     """In place: activation checkpointing, compile (see :data:`COMPILE_MODES`), then ``fully_shard``
     each block and the root.
 
     mixed_precision (default: on for CUDA): bf16 parameters for compute, fp32 gradient reduction,
-    fp32 master weights in the optimizer. shard (default: unless world size 1 without mixed
-    precision): wrap with FSDP2; an unwrapped model gets a no-op ``set_requires_gradient_sync``.
+    fp32 master weights in the optimizer. master_weights: at world size 1 with mixed precision,
+    use :class:`MasterWeights` instead of FSDP2 (the caller then calls its two methods in the
+    step; the trainer does). shard (default: at world size > 1, or for mixed precision without
+    master_weights): wrap with FSDP2; an unwrapped model gets a no-op ``set_requires_gradient_sync``.
     per_block (default: on CUDA only): one FSDP unit per transformer block (its all-gather overlaps
     the previous block's compute, and only one block's full parameters are live), else one unit at
     the root (one all-gather and one reduce-scatter per step). On CPU processes (gloo), collectives
@@ -103,10 +176,15 @@ def parallelize(model: nn.Module, dist_info: Dist, *, ac: bool = False, compile=
     mode = compile_mode(compile)
     if mixed_precision is None:
         mixed_precision = dist_info.device.type == "cuda"
+    master_weights = master_weights and mixed_precision and dist_info.world == 1 and not shard
     if shard is None:
-        shard = dist_info.world > 1 or mixed_precision
+        shard = dist_info.world > 1 or (mixed_precision and not master_weights)
     if mode == "whole-cudagraphs" and dist_info.device.type != "cuda":
         raise ValueError("--compile whole-cudagraphs needs CUDA (CUDA-graph replay); use --compile whole on CPU")
+    if master_weights:
+        mixed = MasterWeights(model)
+        _whole(_blocks_only(mixed.compute, ac, mode), mode)
+        return _whole(mixed.attach(), "none")
     if not shard:
         return _whole(_blocks_only(model, ac, mode), mode)
     mesh = init_device_mesh(dist_info.device.type, (dist_info.world,))

@@ -5,7 +5,7 @@ Three kinds of field:
 - **model shape** (:data:`SHAPE_FIELDS`): a change is refused, always, with one line naming the
   field (the weights could not load, or would mean something else, e.g. another head count);
 - **free** (:data:`FREE_FIELDS`): where output goes, cadences, monitors, speed switches (backend,
-  compile, activation checkpointing, FSDP units, workers): they do not change what is computed, so they may
+  compile, activation checkpointing, FSDP units or master weights, workers): they do not change what is computed, so they may
   differ silently;
 - **training settings** (every other field: batch size, accumulation, seed, segment order, steps,
   data and augmentation, targets and loss, every optimizer field): a change makes the resumed run
@@ -25,7 +25,7 @@ __all__ = ["SHAPE_FIELDS", "FREE_FIELDS", "compare", "check_resume"]
 SHAPE_FIELDS = ("model", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_depth",
                 "decoder_num_heads", "query_depth", "share_weight", "head", "skip_memory")
 FREE_FIELDS = ("backend", "workers", "knn_data", "out", "resume", "ckpt_every", "keep", "log_every", "compile",
-               "ac", "fsdp_units", "probe", "knn_every", "knn_k", "knn_images", "device", "allow_changed", "force", "wandb",
+               "ac", "fsdp_units", "master_weights", "probe", "knn_every", "knn_k", "knn_images", "device", "allow_changed", "force", "wandb",
                "wandb_project")
 _SECTIONS = ("model", "data", "optim", "train")
 

@@ -102,7 +102,10 @@ class Trainer:
         # ---- model: FSDP2 per block and at the root; optimizer -----------------------------
         self.num_params = sum(p.numel() for p in model.parameters())
         self.model = parallelize(model.to(self.device), self.dist, ac=t.ac, compile=t.compile,
-                                 per_block={"auto": None, "block": True, "root": False}[t.fsdp_units])
+                                 per_block={"auto": None, "block": True, "root": False}[t.fsdp_units],
+                                 master_weights=t.master_weights)
+        # bf16 compute copy at world size 1 (runtime.parallel.MasterWeights), else None
+        self.mixed = getattr(self.model, "master_weights", None)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=self.peak_lr,
                                            betas=tuple(o.betas),
                                            fused=self.FUSED_ADAMW and self.device.type == "cuda" or None)
@@ -124,6 +127,8 @@ class Trainer:
                                          self.source.channels, t.allow_changed):
                     self._say(line)
                 meta, state = self.ckpt.load(path, self.model, self.optimizer)
+                if self.mixed is not None:
+                    self.mixed.params_to_compute()
                 if state is not None:
                     set_rng_state(state, self.order_gen)
                 self.step, self.micro, self.last_ckpt = meta["step"], meta["micro"], path
@@ -166,6 +171,8 @@ class Trainer:
             self.model.set_requires_gradient_sync(a == accum - 1)
             loss = self.model(images, order)
             (loss / accum).backward()
+            if self.mixed is not None:
+                self.mixed.grads_to_master()
             losses.append(loss.detach())
             self.micro += 1
         # Clip only when asked; otherwise the norm (a reduction over every gradient) is computed
@@ -181,6 +188,8 @@ class Trainer:
         else:
             grad_norm = None
         self.optimizer.step()
+        if self.mixed is not None:
+            self.mixed.params_to_compute()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return torch.stack(losses).mean(), grad_norm, skipped, order
