@@ -53,7 +53,9 @@ What a CPU run cannot see: time, kernel fusion by the compiler (this is the eage
 host->device source is pinned, and device->host copies that a CUDA-only code path would make.
 The Triton backend runs under ``TRITON_INTERPRET=1`` on CPU (slow: minutes at ViT-B), or with
 ``--kernels stand-in``, which counts each launch without running it (:func:`triton_stand_in`);
-``sdpa`` and ``reference`` count the same model ops with their own attention ops. Each row says its
+``sdpa`` and ``reference`` count the same model ops with their own attention ops. With
+``--backend triton`` the targets / loss and skip-memory ops run their Triton kernels too (on a GPU
+``auto`` picks them; on a CPU it would pick the reference ops). Each row says its
 backend and whether its kernels ran.
 """
 from __future__ import annotations
@@ -291,6 +293,10 @@ def build_step(name: str, backend: str, batch: int, wrap="none", seed: int = 0):
     model_name, overrides, spec = CONFIGS[name]
     torch.manual_seed(seed)
     model = models.build(model_name, backend=backend, **overrides)
+    if backend == "triton":
+        # On a GPU the targets / skip-memory ops resolve ("auto") to their Triton kernels too; on a
+        # CPU "auto" picks the reference ops, so name the kernels the GPU step would launch.
+        model.aux_backend = lambda: "triton"
     cfg = config_mod.Config()
     cfg.train.batch_size, cfg.train.accum, cfg.train.order = batch, 1, spec
     dist_info = init_distributed("auto")

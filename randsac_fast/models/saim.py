@@ -109,17 +109,19 @@ class SAIM(ViTEncoder, PretrainedMixin):
 
     def forward(self, images: Tensor, order: SegmentOrder) -> Tensor:
         """Scalar training loss."""
+        order = order.to(images.device)              # non-blocking, and a no-op when already there
         pred = self.forward_saim(images, order)
         c = self.config
-        return ops.patch_loss(pred, images, c.patch_size, order.perm.to(images.device), None,
+        return ops.patch_loss(pred, images, c.patch_size, order.perm, None,
                               blur_kernel=c.blur_kernel, blur_sigma=c.blur_sigma, norm_pix=c.norm_pix,
                               loss=c.loss, backend=self.aux_backend())
 
     @torch.no_grad()
     def predict(self, images: Tensor, order: SegmentOrder) -> tuple[Tensor, Tensor]:
         """(pred [B, N, P*P*C], valid [B, N] bool) in raster order; SAIM predicts every token."""
+        order = order.to(images.device)
         pred = self.forward_saim(images, order)
-        perm = order.perm.to(images.device)
+        perm = order.perm
         out = torch.empty_like(pred).scatter_(1, perm[..., None].expand_as(pred), pred)
         return out, torch.ones(perm.shape, dtype=torch.bool, device=perm.device)
 
