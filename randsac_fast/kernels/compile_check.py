@@ -200,10 +200,11 @@ def _skip_variants() -> list[Variant]:
     for dt in ("fp32", "bf16"):
         t, w = Ptr(dt), Ptr("fp32")
         out.append(Variant(mod.__name__, "skip_fwd_kernel", dt, f"Lenc={_LENC} LD={ld} BLOCK={mod.BLOCK}",
-                           dict(h_ptr=t, w_ptr=w, z_ptr=t, M=m, LDEC=_LDEC),
+                           dict(h_ptrs=(t,) * _LENC, w_ptr=w, z_ptr=t, M=m, LDEC=_LDEC),
                            dict(LENC=_LENC, LD=ld, BLOCK=mod.BLOCK), 8, 3))
         out.append(Variant(mod.__name__, "skip_bwd_kernel", dt, f"Lenc={_LENC} LD={ld} LK={lk} BLOCK={mod.BLOCK}",
-                           dict(dz_ptr=t, h_ptr=t, w_ptr=w, dh_ptr=t, dw_part_ptr=Ptr("fp32"), M=m, LDEC=_LDEC,
+                           dict(dz_ptr=t, h_ptrs=(t,) * _LENC, w_ptr=w, dh_ptrs=(t,) * _LENC,
+                                dw_part_ptr=Ptr("fp32"), M=m, LDEC=_LDEC,
                                 n_blocks=n_blocks),
                            dict(LENC=_LENC, LD=ld, LK=lk, BLOCK=mod.BLOCK), 8, 3))
     return out
@@ -284,6 +285,15 @@ def compile_variant(v: Variant) -> dict:
         for i, a in enumerate(fn.arg_names):
             if a in v.constexprs:
                 signature[a] = "constexpr"
+                continue
+            if isinstance(v.args[a], tuple):          # a tuple argument (e.g. the skip memory's state
+                specs = [_specialise(x) for x in v.args[a]]   # pointers): one type per element, by path
+                if any(folded for _, _, folded in specs):
+                    raise TypeError(f"{a}: no folded constants inside a tuple argument")
+                signature[a] = tuple(ty for ty, _, _ in specs)
+                for j, (_, divisible, _) in enumerate(specs):
+                    if divisible:
+                        attrs[(i, j)] = [["tt.divisibility", 16]]
                 continue
             ty, divisible, folded = _specialise(v.args[a])
             signature[a] = ty
