@@ -308,12 +308,14 @@ def build_step(name: str, backend: str, batch: int, wrap="none", seed: int = 0):
     if "master_weights" in params:              # the trainer's own wrapping, forced to this row's
         model = parallelize(model, dist_info, shard=fsdp, per_block=True, mixed_precision=wrap.endswith("bf16"),
                             master_weights=wrap == "master-bf16")
-    elif wrap.endswith("bf16"):
-        raise SystemExit(f"--wraps {wrap}: this commit's parallelize has no bf16 option to force on a CPU")
+    elif wrap == "master-bf16" or (wrap == "fsdp-bf16" and "mixed_precision" not in params):
+        raise SystemExit(f"--wraps {wrap}: this commit's parallelize cannot do it")
     elif "shard" in params:
-        model = parallelize(model, dist_info, shard=fsdp, per_block=True)   # the CUDA layout
-    elif fsdp:
-        model = parallelize(model, dist_info, compile=False)
+        model = parallelize(model, dist_info, shard=fsdp, per_block=True,   # the CUDA layout
+                            **({"mixed_precision": True} if wrap == "fsdp-bf16" else {}))
+    elif fsdp:                                  # older commits: FSDP2 always, per block
+        model = parallelize(model, dist_info, compile=False,
+                            **({"mixed_precision": True} if wrap == "fsdp-bf16" else {}))
     if not hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync = lambda flag: None   # what FSDP adds; a no-op unwrapped
     # The trainer's optimizer as it runs on a GPU: AdamW's CUDA default is foreach (or fused where
