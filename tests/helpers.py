@@ -40,3 +40,15 @@ def tiny_model_and_optimizer():
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
     return model, opt
+
+
+def step_losses(out_dir) -> dict[int, float]:
+    """Per-step losses from a run's metrics.jsonl; a re-run step keeps its last record."""
+    import json
+    import os
+    losses = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        for line in fh:
+            rec = json.loads(line)
+            losses[rec["step"]] = rec["loss"]
+    return losses

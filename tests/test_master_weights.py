@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 
 import pytest
 import torch
 
+from helpers import step_losses
+
 from randsac_fast import models, orders
-from randsac_fast.runtime import parallel
 from randsac_fast.runtime.parallel import init_distributed, parallelize
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -70,15 +70,6 @@ def test_master_weights_equal_fsdp_mixed_precision_bitwise(group, name, extra, s
         assert torch.equal(master.forward_features(x), fsdp.forward_features(x))
 
 
-def _losses(out_dir) -> dict[int, float]:
-    losses = {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
-        for line in fh:
-            rec = json.loads(line)
-            losses[rec["step"]] = rec["loss"]
-    return losses
-
-
 def test_trainer_runs_master_weights_and_resumes_bitwise(tmp_path, monkeypatch):
     """The trainer at world size 1 with bf16 compute (forced on, as on CUDA): no FSDP, the step
     moves gradients and weights between the copies, and a resume from a checkpoint reproduces the
@@ -105,9 +96,9 @@ def test_trainer_runs_master_weights_and_resumes_bitwise(tmp_path, monkeypatch):
     shutil.rmtree(cut / "checkpoints" / "step_00000004")
     lines = (cut / "metrics.jsonl").read_text().splitlines(keepends=True)
     (cut / "metrics.jsonl").write_text("".join(l for l in lines if json.loads(l)["step"] <= 2))
-    assert sorted(_losses(cut)) == [1, 2]
+    assert sorted(step_losses(cut)) == [1, 2]
     assert train.main([*args, "--out", str(cut), "--resume", "latest"]) == 0
-    expected, got = _losses(ref), _losses(cut)
+    expected, got = step_losses(ref), step_losses(cut)
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
     assert got == expected                       # bitwise: JSON round-trips floats exactly
     assert len(set(expected.values())) == 4      # it trains: every step's loss differs

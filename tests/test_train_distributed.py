@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from helpers import step_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A very small RandSAC on digits so that each launch takes seconds.
@@ -33,16 +34,6 @@ def _run(args, ranks=2, timeout=240):
                           timeout=timeout)
 
 
-def _losses(out_dir) -> dict[int, float]:
-    """Per-step losses from metrics.jsonl; a re-run step keeps its last record."""
-    losses = {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
-        for line in fh:
-            rec = json.loads(line)
-            losses[rec["step"]] = rec["loss"]
-    return losses
-
-
 def test_two_ranks_learn_digits(tmp_path):
     out = tmp_path / "run"
     r = _run([*TINY, "--out", str(out), "--steps", "30", "--log-every", "1", "--knn-every", "15",
@@ -51,7 +42,7 @@ def test_two_ranks_learn_digits(tmp_path):
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     knn = {rec["step"]: rec["knn_top1"] for rec in recs if "knn_top1" in rec}
     assert sorted(knn) == [15, 30] and all(0.3 < a <= 1.0 for a in knn.values()), knn   # chance is 0.1
-    losses = _losses(out)
+    losses = step_losses(out)
     assert sorted(losses) == list(range(1, 31))
     first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(26, 31)) / 5
     assert last < 0.9 * first, (first, last)
@@ -82,7 +73,7 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path):
     r = _run([*args, "--out", str(cut), "--resume", "latest"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
-    expected, got = _losses(ref), _losses(cut)
+    expected, got = step_losses(ref), step_losses(cut)
     assert sorted(got) == sorted(expected) == list(range(1, 25))
     assert got == expected          # bitwise: JSON round-trips floats exactly
 
@@ -113,4 +104,4 @@ def test_two_ranks_saim_synthetic_with_activation_checkpointing(tmp_path):
               "--synthetic-size", "64", "--blur-kernel", "3", "--batch-size", "8", "--steps", "2",
               "--log-every", "1", "--ac", "true", "--fsdp-units", "block", "--probe", "false", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(_losses(out)) == [1, 2]
+    assert sorted(step_losses(out)) == [1, 2]

@@ -8,7 +8,6 @@ dtype and is bitwise reproducible (fixed-order reduction of per-program partial 
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch

@@ -112,6 +112,7 @@ class MasterWeights:
         self.written = [False] * len(self.pairs)                           # this step's buffers
 
     def _cast_inputs(self, module, args, kwargs):
+        """(args, kwargs) with every floating tensor in ``dtype``."""
         from torch.utils._pytree import tree_map_only
         cast = lambda t: t.to(self.dtype) if t.is_floating_point() else t   # noqa: E731
         return tree_map_only(torch.Tensor, cast, (args, kwargs))
@@ -120,10 +121,12 @@ class MasterWeights:
         """Route the master's calls to the compute copy; returns the master."""
         m, compute = self.master, self.compute
         m.master_weights = self
-        m.forward = lambda *args, **kwargs: compute(*args, **kwargs)
-        if hasattr(m, "forward_features"):
-            m.forward_features = lambda images, *args, **kwargs: compute.forward_features(
-                images.to(self.dtype) if images.is_floating_point() else images, *args, **kwargs)
+        m.forward = lambda *args, **kwargs: compute(*args, **kwargs)   # the pre-hook casts the inputs
+        if hasattr(m, "forward_features"):                             # not through __call__: cast here
+            def forward_features(*args, **kwargs):
+                args, kwargs = self._cast_inputs(compute, args, kwargs)
+                return compute.forward_features(*args, **kwargs)
+            m.forward_features = forward_features
         return m
 
     @torch.no_grad()
