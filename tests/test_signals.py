@@ -12,7 +12,8 @@ import pytest
 from randsac_fast.runtime import preempt
 from randsac_fast.runtime.preempt import EXIT_PREEMPTED, Preemption
 
-from test_train_distributed import TINY, _cmd, _env, _losses, _run
+from helpers import step_losses
+from test_train_distributed import TINY, _cmd, _env, _run
 
 
 # ---- the handler, in this process ------------------------------------------------------------------
@@ -88,12 +89,12 @@ def test_sigterm_to_one_rank_of_a_two_rank_run_saves_a_whole_step_and_resume_con
     assert sorted(os.listdir(cut / "checkpoints")) == [ckpt.name]
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] == step and meta["micro"] == 2 * step   # whole steps: every micro-batch of each
-    assert max(_losses(cut)) == step                     # the step it stopped after was logged too
+    assert max(step_losses(cut)) == step                     # the step it stopped after was logged too
 
     r = _run([*args, "--out", str(cut), "--resume", "latest"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {ckpt} at step {step}" in r.stderr
-    assert sorted(_losses(cut)) == list(range(1, 15))
+    assert sorted(step_losses(cut)) == list(range(1, 15))
     assert sorted(os.listdir(cut / "checkpoints")) == ["step_00000014"]   # the same branch, continued
 
 
