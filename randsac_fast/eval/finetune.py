@@ -27,13 +27,13 @@ import warnings
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import config as config_mod
 from .. import data as data_mod
 from .. import interop, ops
+from ..runtime import collectives
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
 from .linprobe import (RUN_RULES, add_run_args, check_channels, cli, eval_transform, evaluate, labelled_splits,
                        load_encoder, metrics_logger, norm_stats, summarise)
@@ -328,7 +328,7 @@ def run(argv=None) -> dict:
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world
     if dist_info.is_main:
         os.makedirs(args.out, exist_ok=True)
-    dist.barrier()
+    collectives.barrier()
     torch.manual_seed(args.seed)                      # the same head on every rank
     model = Classifier(encoder, num_classes, args.drop_path, args.cls_token)
     del encoder                                        # decoder / query stream are not needed
@@ -380,8 +380,7 @@ def run(argv=None) -> dict:
         epoch, end_of_epoch = step / per_epoch, step % per_epoch == 0 or step == total
         eval_now = end_of_epoch and (step == total or round(epoch) % args.eval_every == 0)
         if eval_now or step % args.log_every == 0:
-            step_losses = torch.stack(pending)
-            dist.all_reduce(step_losses)
+            step_losses = collectives.all_reduce(torch.stack(pending))
             losses += (step_losses / world).tolist()
             rate = (step - tick_step) * global_batch / (time.perf_counter() - tick)
             record = {"step": step, "epoch": epoch, "loss": losses[-1],

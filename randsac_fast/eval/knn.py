@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import data as data_mod
+from ..runtime import collectives
 from .linprobe import eval_transform, labelled_splits, pooled
 
 __all__ = ["knn_classify", "knn_accuracy", "embed", "labelled_loaders"]
@@ -79,15 +80,11 @@ def _gather(t: Tensor) -> Tensor:
     """Concatenate a per-rank tensor of possibly different lengths along dim 0 (all ranks)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    most = int(max(s.item() for s in sizes))
-    padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    sizes = [int(s) for s in collectives.all_gather(torch.tensor([t.shape[0]]))]
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
     padded[: t.shape[0]] = t
-    parts = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
+    parts = collectives.all_gather(padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(t.device)
 
 
 @torch.no_grad()
@@ -105,6 +102,5 @@ def knn_accuracy(model: nn.Module, train_loader, val_loader, k: int = 20, T: flo
     pred = knn_classify(bank, bank_labels, query, k, T, num_classes).argmax(dim=1)
     counts = torch.tensor([(pred == labels).sum().item(), labels.numel()], dtype=torch.float64,
                           device=query.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
+    counts = collectives.all_reduce(counts)
     return float(counts[0] / counts[1].clamp(min=1))

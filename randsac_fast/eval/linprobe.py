@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .. import config as config_mod
 from .. import data as data_mod
 from .. import interop, ops
+from ..runtime import collectives
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
 from ..runtime.metrics import MetricsLogger, require_wandb
 from ..runtime.parallel import Dist, init_distributed
@@ -160,7 +161,7 @@ def evaluate(logits_fn, source, transform, batch_size: int, dist_info: Dist) -> 
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct = (top == labels[:, None]) & valid[:, None]
         hits += torch.stack([correct[:, 0].sum(), correct.any(1).sum(), valid.sum()]).double()
-    dist.all_reduce(hits)
+    hits = collectives.all_reduce(hits)
     return {"top1": float(hits[0] / hits[2]), "top5": float(hits[1] / hits[2]), "val_images": int(hits[2])}
 
 
@@ -248,7 +249,7 @@ def run(argv=None) -> dict:
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world
     if dist_info.is_main:
         os.makedirs(args.out, exist_ok=True)
-    dist.barrier()
+    collectives.barrier()
     torch.manual_seed(args.seed)                       # the same head on every rank
     encoder = encoder.to(device).eval().requires_grad_(False)
     head = ProbeHead(encoder.config.embed_dim, num_classes).to(device)
@@ -311,7 +312,7 @@ def run(argv=None) -> dict:
         eval_now = end_of_epoch and (step == total or round(epoch) % args.eval_every == 0)
         if eval_now or step % args.log_every == 0:
             mean_loss = torch.stack(pending).mean()
-            dist.all_reduce(mean_loss)
+            mean_loss = collectives.all_reduce(mean_loss)
             rate = (step - tick_step) * global_batch / (time.perf_counter() - tick)
             record = {"step": step, "epoch": epoch, "loss": float(mean_loss) / world,
                       "lr": optimizer.param_groups[0]["lr"], "img_per_s": rate}

@@ -45,6 +45,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from . import collectives
+
 __all__ = ["Checkpointer", "CheckpointError", "NonFiniteState", "DamagedCheckpoint", "rng_state",
            "set_rng_state", "non_finite_state", "read_meta"]
 
@@ -89,11 +91,7 @@ def _rank() -> int:
 
 
 def _gather(obj) -> list:
-    if _world() == 1:
-        return [obj]
-    out = [None] * _world()
-    dist.all_gather_object(out, obj)
-    return out
+    return collectives.all_gather_object(obj)
 
 
 def _agree(error: str | None) -> str | None:
@@ -106,11 +104,7 @@ def _agree(error: str | None) -> str | None:
 
 
 def _broadcast(obj):
-    if _world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return collectives.broadcast_object(obj)
 
 
 # ---- finite check --------------------------------------------------------------------------
@@ -142,7 +136,7 @@ def non_finite_state(model, optimizer=None, grad_norm=None) -> str | None:
     for i in flags.nonzero().flatten().tolist():
         flags[i] = int(not torch.isfinite(local[i]).all())
     if _world() > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = collectives.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad = [checked[i][0] for i in flags.nonzero().flatten().tolist()]
     if not bad:
         return None
@@ -377,7 +371,7 @@ class Checkpointer:
             except OSError as e:   # a checkpoint that could not be pruned is not an error
                 warnings.warn(f"could not prune old checkpoints in {self.root}: {e}", stacklevel=2)
         if _world() > 1:
-            dist.barrier()
+            collectives.barrier()
         return final
 
     def _fail(self, step: int, error: str, disk_full: bool) -> CheckpointError:

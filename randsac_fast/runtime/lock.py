@@ -144,6 +144,7 @@ class RunLock:
 def lock_run_dir(out_dir: str, is_main: bool) -> RunLock | None:
     """Collective: rank 0 takes the lock; every rank raises the same RunLocked if it is held."""
     import torch.distributed as dist
+    from . import collectives
     lock, error = None, None
     if is_main:
         try:
@@ -153,9 +154,7 @@ def lock_run_dir(out_dir: str, is_main: bool) -> RunLock | None:
         except OSError as e:   # e.g. --out is a file, or read-only
             error = f"--out {out_dir}: cannot be used as a run directory ({e.strerror or e})"
     if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+        error = collectives.broadcast_object(error)
     if error:
         raise RunLocked(error)
     return lock

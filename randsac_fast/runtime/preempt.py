@@ -21,6 +21,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from . import collectives
+
 __all__ = ["EXIT_PREEMPTED", "REPEAT_WINDOW_S", "Preempted", "Preemption"]
 
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: stopped on request with a checkpoint; run it again to go on
@@ -77,7 +79,7 @@ class Preemption:
         """Collective (every rank, after every step): has any rank been signalled?"""
         flag = torch.tensor([0 if self.signum is None else int(self.signum)], dtype=torch.int32)
         if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            flag = collectives.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)   # CPU: gloo
         if flag.item() and self.signum is None:   # another rank was signalled: stop for its reason
             self.signum, self._first = int(flag.item()), time.monotonic()
         return bool(flag.item())

@@ -25,6 +25,7 @@ from .. import models, ops, orders
 from ..eval.knn import knn_accuracy, labelled_loaders
 from ..eval.probe import digits_probe, save_json
 from ..runtime.batch import plan_batch
+from ..runtime import collectives
 from ..runtime.checkpoint import Checkpointer, NonFiniteState, read_meta, rng_state, set_rng_state
 from ..runtime.lock import lock_run_dir, release_all
 from ..runtime.preempt import EXIT_PREEMPTED, Preempted, Preemption
@@ -81,7 +82,7 @@ class Trainer:
         if self.dist.is_main:
             os.makedirs(t.out, exist_ok=True)
         self.lock = lock_run_dir(t.out, self.dist.is_main)   # one run per directory; raises on every rank
-        dist.barrier()
+        collectives.barrier()
 
         # ---- data: per-rank shards, MAE augmentation ---------------------------------------
         mean, std = d.mean or self.source.mean, d.std or self.source.std
@@ -237,9 +238,8 @@ class Trainer:
                 if knn is not None:
                     record["knn_top1"] = knn
                 # Time the slowest rank spent blocked on its loader (the others then wait in collectives).
-                wait = torch.tensor([stream.take_wait()], dtype=torch.float64)
-                dist.all_reduce(wait, op=dist.ReduceOp.MAX)
-                record.update(data_wait_s=float(wait) / (self.step - tick_step), data_wait_frac=float(wait) / elapsed)
+                [wait] = collectives.all_reduce_values([stream.take_wait()], op=dist.ReduceOp.MAX)
+                record.update(data_wait_s=wait / (self.step - tick_step), data_wait_frac=wait / elapsed)
                 logs += 1                         # the first interval includes the workers' start-up
                 if record["data_wait_frac"] > 0.1 and logs > 1 and not warned_input_bound:
                     warned_input_bound = True
@@ -256,8 +256,7 @@ class Trainer:
 
     def _check_losses(self, pending) -> list[tuple[int, float]]:
         """Average each pending step's loss over ranks; stop on the first non-finite one."""
-        values = torch.stack([l for _, l in pending]).float()
-        dist.all_reduce(values)
+        values = collectives.all_reduce(torch.stack([l for _, l in pending]).float())
         values = (values / self.dist.world).tolist()
         for (step, _), v in zip(pending, values):
             if not math.isfinite(v):
@@ -268,8 +267,7 @@ class Trainer:
         return [(s, v) for (s, _), v in zip(pending, values)]
 
     def _record(self, losses, grad_norm, skipped, img_per_s, order) -> dict:
-        bad = torch.tensor([skipped], dtype=torch.int64)
-        dist.all_reduce(bad)
+        [bad] = collectives.all_reduce_values([skipped], dtype=torch.int64)
         record = {"step": self.step, "loss": losses[-1][1], "lr": self.optimizer.param_groups[0]["lr"],
                   "grad_norm": None if grad_norm is None else float(grad_norm),   # None: a stop between log steps
                   "img_per_s": img_per_s, "skipped_images": int(bad),
@@ -313,15 +311,13 @@ class Trainer:
             result = digits_probe(fresh, full, m.img_size, *self.norm)
             result.update(step=self.step, checkpoint=self.last_ckpt, path=os.path.join(self.cfg.train.out, "probe.json"))
             save_json(result, result["path"])
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return collectives.broadcast_object(result)
 
     def finish(self) -> None:
         """Every rank waits here for all the others (their writers were closed at the end of
         ``train``, the probe is saved), so the process group is torn down only when no rank has work
         left on it — no rank tears down while rank 0 still probes."""
-        dist.barrier()
+        collectives.barrier()
 
 
 def main(argv=None) -> int:
@@ -343,7 +339,7 @@ def _run(cfg: config_mod.Config) -> int:
     except Preempted as e:      # the checkpoint is written: say so, leave together, exit 75
         if trainer.dist.is_main:
             print(str(e), file=sys.stderr, flush=True)
-        dist.barrier()          # torchrun stops the other workers as soon as the first one exits
+        collectives.barrier()   # torchrun stops the other workers as soon as the first one exits
         return EXIT_PREEMPTED
     result = trainer.probe() if cfg.train.probe else None   # saved to probe.json before teardown
     trainer.finish()                                         # every rank here before the group goes
