@@ -165,22 +165,42 @@ def _fused_sdpa_causal(q_src, kv_src, bounds: SegmentBounds, num_heads, scale):
     return _merge(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale))
 
 
+def _unpadded_seg_q(seg_q: Tensor) -> Tensor:
+    """seg_q with padded queries (seg id >= SENTINEL) at -1: they see no key (the fused contract)."""
+    return torch.where(seg_q >= SENTINEL, torch.full_like(seg_q, -1), seg_q)
+
+
 def _fused_reference(q_src, kv_src, bounds: SegmentBounds, num_heads, scale):
     """The dense reference on the head views; padded queries (seg id >= SENTINEL) see nothing."""
     q, k, v = _qkv_views(q_src, kv_src, num_heads)
-    seg_q = torch.where(bounds.seg_q >= SENTINEL, torch.full_like(bounds.seg_q, -1), bounds.seg_q)
-    return _merge(reference.segment_attention(q, k, v, seg_q, bounds.seg_k, inclusive=bounds.inclusive, scale=scale))
+    return _merge(reference.segment_attention(q, k, v, _unpadded_seg_q(bounds.seg_q), bounds.seg_k,
+                                              inclusive=bounds.inclusive, scale=scale))
 
 
 def _per_head(name: str):
     """Adapter for a backend with only the per-head API (flex, xformers, cuda — the compiled
     extension keeps its [B, H, N, D] kernels): head views in, [B, N, H*D] out (autograd then
-    adds the per-part gradient copies the native fused paths avoid)."""
-    def run(q_src, kv_src, bounds: SegmentBounds, num_heads, scale):
-        q, k, v = _qkv_views(q_src, kv_src, num_heads)
-        fn = _TABLE[name]()
-        return _merge(fn(q, k, v, bounds.seg_q, bounds.seg_k, bounds.inclusive, scale))
-    return lambda: run
+    adds the per-part gradient copies the native fused paths avoid).
+
+    Padded query rows give exactly 0 and zero gradient, as on the native fused paths: the
+    mask-built backends (flex, xformers) see them with seg id -1 (no key visible); the cuda kernels
+    take sorted rows only, so there their rows are zeroed after (no gradient flows into them)."""
+    masked = name in ("flex", "xformers")
+    cache: list = []
+
+    def load():
+        if not cache:
+            fn = _TABLE[name]()      # BackendUnavailable here (not at the first call): auto moves past it
+
+            def run(q_src, kv_src, bounds: SegmentBounds, num_heads, scale):
+                q, k, v = _qkv_views(q_src, kv_src, num_heads)
+                seg_q = _unpadded_seg_q(bounds.seg_q) if masked else bounds.seg_q
+                out = _merge(fn(q, k, v, seg_q, bounds.seg_k, bounds.inclusive, scale))
+                padded = (bounds.seg_q >= SENTINEL)[..., None]                  # [B, Nq, 1]
+                return torch.where(padded, torch.zeros((), dtype=out.dtype, device=out.device), out)
+            cache.append(run)
+        return cache[0]
+    return load
 
 
 _FUSED_TABLE = {
@@ -192,6 +212,18 @@ _FUSED_TABLE = {
     "triton": lazy("ops.attention_triton", "fused_attention_triton"),
     "cuda": _per_head("cuda"),
 }
+# What the models call: verified and timed like the per-head op (structure: head dim, heads, self /
+# cross, inclusive, causal; timing keyed on (B, Nq, Nk)).
+register("segment_attention_fused", _FUSED_TABLE, fast=("triton", "cuda"), fallback=("sdpa",),
+         check=cases.fused_attention_check, timing=cases.fused_attention_timing,
+         trusted=("reference", "sdpa", "sdpa_causal"))
+
+
+def _resolve_fused(src: Tensor, bounds: SegmentBounds, num_heads: int, head_dim: int, kind: str, backend: str):
+    return resolve("segment_attention_fused", backend, _FUSED_TABLE, src.device,
+                   auto_order(src.device, ("triton", "cuda"), ("sdpa",)), dtype=src.dtype,
+                   structure=(head_dim, int(num_heads), kind, bool(bounds.inclusive), bool(bounds.causal)),
+                   shape=bounds.shape)
 
 
 def _validate_fused(q_src: Tensor, kv_src: Tensor | None, bounds: SegmentBounds, num_heads: int, parts: int) -> int:
@@ -225,8 +257,7 @@ def segment_attention_qkv(qkv: Tensor, bounds: SegmentBounds, num_heads: int, *,
     query rows with kv_len 0 (padding, or nothing visible) give 0.
     """
     d = _validate_fused(qkv, None, bounds, num_heads, 3)
-    fn = resolve("segment_attention_fused", backend, _FUSED_TABLE, qkv.device,
-                 auto_order(qkv.device, ("triton", "cuda"), ("sdpa",)))
+    fn = _resolve_fused(qkv, bounds, num_heads, d, "self", backend)
     return fn(qkv, None, bounds, int(num_heads), float(scale if scale is not None else d ** -0.5))
 
 
@@ -235,6 +266,5 @@ def segment_attention_cross(q: Tensor, kv: Tensor, bounds: SegmentBounds, num_he
     """Cross-attention from a q projection [B, Nq, H*D] into a kv projection [B, Nk, 2*H*D]
     (k | v) -> [B, Nq, H*D]; bounds from :func:`segment_bounds` (seg_q, seg_k)."""
     d = _validate_fused(q, kv, bounds, num_heads, 1)
-    fn = resolve("segment_attention_fused", backend, _FUSED_TABLE, q.device,
-                 auto_order(q.device, ("triton", "cuda"), ("sdpa",)))
+    fn = _resolve_fused(q, bounds, num_heads, d, "cross", backend)
     return fn(q, kv, bounds, int(num_heads), float(scale if scale is not None else d ** -0.5))

@@ -71,6 +71,57 @@ def attention_timing(device, dtype, structure, shape) -> Case:
     return _attention_inputs(b, h, nq, nk, head_dim, inclusive, layout, seg_q, seg_k, gen, device, dtype)
 
 
+# ------------------------------------------------------------------------------ segment_attention_fused
+
+def _fused_inputs(b, nq, nk, structure, seg_q, seg_k, gen, device, dtype) -> Case:
+    """(q_src, kv_src, bounds, num_heads, scale) of the models' layout: self [B, N, 3*H*D] or cross
+    q [B, Nq, H*D] + kv [B, Nk, 2*H*D]."""
+    from .attention_bounds import segment_bounds
+    head_dim, heads, kind, inclusive, causal = structure
+    bounds = segment_bounds(seg_q.to(device), seg_k.to(device), bool(inclusive), causal=bool(causal))
+    width = heads * head_dim
+    if kind == "self":
+        return Case((_randn((b, nq, 3 * width), gen, device, dtype), None, bounds, heads, head_dim ** -0.5),
+                    (0,), ("out", "dqkv"))
+    return Case((_randn((b, nq, width), gen, device, dtype), _randn((b, nk, 2 * width), gen, device, dtype), bounds,
+                 heads, head_dim ** -0.5), (0, 1), ("out", "dq", "dkv"))
+
+
+def fused_attention_check(device, dtype, structure) -> Case:
+    """structure = (head_dim, num_heads, kind, inclusive, causal). Causal: plain tokens (SAIM). Else two
+    rows of random segments, right-padded with the sentinel id (queries and keys: padded query rows
+    must give 0), one row a single segment; not tile multiples, several tiles long."""
+    from ..orders import SENTINEL
+    head_dim, heads, kind, inclusive, causal = structure
+    gen = _gen(2)
+    n = 200 if device.type == "cuda" else 40
+    nq, nk = (n, n) if kind == "self" else (n - 8, n)
+    if causal:
+        seg_q = torch.arange(nq, dtype=torch.int32).expand(2, nq).contiguous()
+        seg_k = torch.arange(nk, dtype=torch.int32).expand(2, nk).contiguous()
+    else:
+        seg_k = torch.stack([sorted_segments(1, nk, 9, gen)[0], torch.zeros(nk, dtype=torch.int32)])
+        seg_q = seg_k.clone() if kind == "self" else torch.stack([sorted_segments(1, nq, 9, gen)[0] + 1,
+                                                                  torch.ones(nq, dtype=torch.int32)])
+        seg_k[0, -5:] = SENTINEL
+        seg_q[0, -5:] = SENTINEL
+    return _fused_inputs(2, nq, nk, structure, seg_q, seg_k, gen, device, dtype)
+
+
+def fused_attention_timing(device, dtype, structure, shape) -> Case:
+    """shape = (B, Nq, Nk): random segments of about 9 tokens (plain tokens when causal)."""
+    head_dim, heads, kind, inclusive, causal = structure
+    b, nq, nk = shape
+    gen = _gen(3)
+    if causal:
+        seg_q = torch.arange(nq, dtype=torch.int32).expand(b, nq).contiguous()
+        seg_k = torch.arange(nk, dtype=torch.int32).expand(b, nk).contiguous()
+    else:
+        seg_k = sorted_segments(b, nk, max(1, nk // 9), gen)
+        seg_q = seg_k if nq == nk else sorted_segments(b, nq, max(1, nk // 9), gen)
+    return _fused_inputs(b, nq, nk, structure, seg_q, seg_k, gen, device, dtype)
+
+
 # ------------------------------------------------------------------------------ patch_targets / patch_loss
 
 def _images(b, c, grid, patch, gen, device, dtype) -> Tensor:
