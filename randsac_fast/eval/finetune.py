@@ -97,8 +97,9 @@ class Classifier(nn.Module):
 
     def forward_features(self, images: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, prefix + N, D], raster order, unmasked (as the encoder's own)."""
-        pos = self.pos_embed.to(images.dtype)
-        x = self.patch_embed(images) + pos[:, self.num_prefix_tokens:]
+        x = self.patch_embed(images)                     # in the compute dtype
+        pos = self.pos_embed.to(x.dtype)
+        x = x + pos[:, self.num_prefix_tokens:]
         if self.cls_token is not None:
             cls = (self.cls_token.to(x.dtype) + pos[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)

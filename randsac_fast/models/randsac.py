@@ -139,7 +139,8 @@ class RandSAC(ViTEncoder, PretrainedMixin):
     # ---- encoder -----------------------------------------------------------------------------
     def embed(self, images: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, N, D] raster tokens with position embeddings."""
-        return self.patch_embed(images) + self.pos_embed.to(images.dtype)
+        x = self.patch_embed(images)
+        return x + self.pos_embed.to(x.dtype)
 
     def forward_encoder(self, images: Tensor, split: EncDecSplit, bounds: SegmentBounds) -> list[Tensor]:
         """Masked encoder over the serialised tokens. Returns the memory of each decoder layer,

@@ -78,8 +78,9 @@ class SAIM(ViTEncoder, PretrainedMixin):
 
     def content_input(self, images: Tensor, perm: Tensor) -> Tensor:
         """[cls] + patch tokens in serial order, with position embeddings: [B, 1 + N, D]."""
-        pos = self.pos_embed.to(images.dtype)
-        x = gather_rows(self.patch_embed(images) + pos[:, 1:], perm)
+        tokens = self.patch_embed(images)                  # in the compute dtype; images stay fp32
+        pos = self.pos_embed.to(tokens.dtype)
+        x = gather_rows(tokens + pos[:, 1:], perm)
         cls = (self.cls_token.to(x.dtype) + pos[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 

@@ -65,7 +65,9 @@ class PatchEmbed(nn.Module):
         if images.dim() != 4 or tuple(images.shape[-2:]) != self.img_size or images.shape[1] != self.proj.in_channels:
             raise ValueError(f"images must be [B, {self.proj.in_channels}, {self.img_size[0]}, {self.img_size[1]}]; "
                              f"got {tuple(images.shape)} — resize the inputs or build the model with that img_size")
-        return self.proj(images).flatten(2).transpose(1, 2)
+        # The pixels arrive in fp32 (the targets are computed from them, as in MAE); the projection
+        # reads them in its own dtype (bf16 under master weights / FSDP2 mixed precision).
+        return self.proj(images.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):

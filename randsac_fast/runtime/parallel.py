@@ -91,8 +91,9 @@ class MasterWeights:
 
     ``master`` (the model handed in, fp32) is what the optimizer, the checkpoints, the gradient
     norm and ``train_flops`` see; ``compute`` is a copy whose parameters are ``dtype``, and the
-    master's ``forward`` / ``forward_features`` run it (floating inputs cast to ``dtype``, as
-    FSDP2's policy casts them). The owner of the step calls :meth:`grads_to_master` after each
+    master's ``forward`` / ``forward_features`` run it. Inputs are not cast: the images stay fp32
+    into the targets (as MAE computes them), and the patch embedding reads them in its own dtype;
+    FSDP2's root is wrapped with ``cast_forward_inputs=False`` to match. The owner of the step calls :meth:`grads_to_master` after each
     backward (the bf16 gradients are copied — first micro-batch — or added into persistent fp32
     buffers that become the masters' ``.grad``) and :meth:`params_to_compute` after each optimizer
     step and each checkpoint load (one multi-tensor copy, rounding to ``dtype``). The numerics are
@@ -106,27 +107,17 @@ class MasterWeights:
         with torch.no_grad():
             for p in self.compute.parameters():
                 p.data = p.data.to(dtype)
-        self.compute.register_forward_pre_hook(self._cast_inputs, with_kwargs=True)
         self.pairs = list(zip(master.parameters(), self.compute.parameters()))
         self.grads: list[torch.Tensor | None] = [None] * len(self.pairs)   # fp32, allocated once
         self.written = [False] * len(self.pairs)                           # this step's buffers
-
-    def _cast_inputs(self, module, args, kwargs):
-        """(args, kwargs) with every floating tensor in ``dtype``."""
-        from torch.utils._pytree import tree_map_only
-        cast = lambda t: t.to(self.dtype) if t.is_floating_point() else t   # noqa: E731
-        return tree_map_only(torch.Tensor, cast, (args, kwargs))
 
     def attach(self) -> nn.Module:
         """Route the master's calls to the compute copy; returns the master."""
         m, compute = self.master, self.compute
         m.master_weights = self
-        m.forward = lambda *args, **kwargs: compute(*args, **kwargs)   # the pre-hook casts the inputs
-        if hasattr(m, "forward_features"):                             # not through __call__: cast here
-            def forward_features(*args, **kwargs):
-                args, kwargs = self._cast_inputs(compute, args, kwargs)
-                return compute.forward_features(*args, **kwargs)
-            m.forward_features = forward_features
+        m.forward = lambda *args, **kwargs: compute(*args, **kwargs)
+        if hasattr(m, "forward_features"):
+            m.forward_features = compute.forward_features
         return m
 
     @torch.no_grad()
@@ -194,6 +185,9 @@ def parallelize(model: nn.Module, dist_info: Dist, *, ac: bool = False, compile=
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision else MixedPrecisionPolicy())
     fsdp = dict(mesh=mesh, mp_policy=policy)
+    # The root takes the images: they stay fp32 for the targets (the patch embedding casts what it reads).
+    root_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False) if mixed_precision else policy)
     _blocks_only(model, ac, mode)
     if per_block is None:
         per_block = dist_info.device.type == "cuda"
@@ -202,7 +196,7 @@ def parallelize(model: nn.Module, dist_info: Dist, *, ac: bool = False, compile=
             fully_shard(block, **fsdp)
             if hasattr(block, "cross"):  # SAIM's query stream calls blocks through .cross, not forward
                 register_fsdp_forward_method(block, "cross")
-    fully_shard(model, **fsdp)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)
     if hasattr(model, "forward_features"):   # evaluation (k-NN monitor, probes) calls it on the root
         register_fsdp_forward_method(model, "forward_features")
     return _whole(model, mode)
