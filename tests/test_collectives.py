@@ -125,7 +125,7 @@ def test_helper_linprobe_and_finetune_under_a_device_strict_group(tmp_path):
         torch.save(models.build("randsac_vit_tiny", img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2,
                                 decoder_depth=1, in_chans=1).state_dict(), "tiny.pt")
         args = ["--ckpt", "tiny.pt", "--model", "randsac_vit_tiny", "--set", "num_heads=2", "--set", "img_size=8",
-                "--data", "digits", "--batch-size", "64", "--augment", "none"]
+                "--data", "digits", "--batch-size", "256", "--augment", "none"]
         lp = linprobe.run([*args, "--out", "lp", "--epochs", "1", "--warmup-epochs", "0", "--log-every", "5"])
         dist.destroy_process_group()
         ft = finetune.run([*args, "--out", "ft", "--steps", "2", "--log-every", "1", "--mixup", "0", "--cutmix", "0",
