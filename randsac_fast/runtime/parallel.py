@@ -95,8 +95,9 @@ class MasterWeights:
     into the targets (as MAE computes them), and the patch embedding reads them in its own dtype;
     FSDP2's root is wrapped with ``cast_forward_inputs=False`` to match. The owner of the step
     calls :meth:`grads_to_master` after each backward (the bf16 gradients are copied — first
-    micro-batch — or added into persistent fp32 buffers that become the masters' ``.grad``) and :meth:`params_to_compute` after each optimizer
-    step and each checkpoint load (one multi-tensor copy, rounding to ``dtype``). The numerics are
+    micro-batch — or added into persistent fp32 buffers that become the masters' ``.grad``) and
+    :meth:`params_to_compute` after each optimizer step and each checkpoint load (one multi-tensor
+    copy, rounding to ``dtype``). The numerics are
     FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` at world size 1 (tested
     against it); what goes away is FSDP's per-parameter casts, all-gathers and hooks.
     """
