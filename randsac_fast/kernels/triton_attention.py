@@ -215,7 +215,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_LEN,
 # ----------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["H", "N_Q"])
 def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
                       H, N_Q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) in fp32: the softmax-backward term shared by dQ and dK."""
@@ -462,3 +462,8 @@ def backward(do, q, k, v, o, lse, kv_len, q_start, scale: float, grads=None):
     launch_dkdv(_tile("dkdv", q, Nq, Nk, launch_dkdv))
     launch_dq(_tile("dq", q, Nq, Nk, launch_dq))
     return dq, dk, dv
+
+
+from .compile_log import instrument as _instrument  # noqa: E402
+
+_instrument(globals())   # RANDSAC_FAST_COMPILE_LOG: record the compile key of every launch

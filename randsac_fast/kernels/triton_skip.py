@@ -67,3 +67,8 @@ def skip_bwd_kernel(dz_ptr, h_ptrs, w_ptr, dh_ptrs, dw_part_ptr, M, LDEC, n_bloc
             h = tl.load(h_ptrs[k] + offs, mask=m_ok, other=0.0).to(tl.float32)
             dw += tl.where(kk[None, :] == k, tl.sum(dz * h[None, :], axis=1)[:, None], 0.0)
     tl.store(dw_part_ptr + pid * (LD * LK) + l[:, None] * LK + kk[None, :], dw)
+
+
+from .compile_log import instrument as _instrument  # noqa: E402
+
+_instrument(globals())   # RANDSAC_FAST_COMPILE_LOG: record the compile key of every launch
