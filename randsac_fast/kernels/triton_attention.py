@@ -56,16 +56,16 @@ _INTERPRETER_TILE = Tile(16, 16, 1, 1)   # the interpreter runs one program at a
 PINNED = {
     ("fwd", 64, "half"): Tile(128, 64, 4, 3),
     ("fwd", 128, "half"): Tile(128, 64, 8, 3),
-    ("fwd", 64, "fp32"): Tile(64, 32, 4, 2),
-    ("fwd", 128, "fp32"): Tile(64, 32, 8, 2),
+    ("fwd", 64, "fp32"): Tile(32, 64, 8, 2),
+    ("fwd", 128, "fp32"): Tile(32, 64, 8, 2),
     ("dkdv", 64, "half"): Tile(64, 64, 4, 2),
     ("dkdv", 128, "half"): Tile(64, 64, 8, 2),
-    ("dkdv", 64, "fp32"): Tile(32, 64, 4, 2),
-    ("dkdv", 128, "fp32"): Tile(32, 64, 8, 2),
+    ("dkdv", 64, "fp32"): Tile(32, 16, 8, 2),
+    ("dkdv", 128, "fp32"): Tile(32, 16, 8, 2),
     ("dq", 64, "half"): Tile(64, 64, 4, 2),
     ("dq", 128, "half"): Tile(64, 64, 8, 2),
-    ("dq", 64, "fp32"): Tile(64, 32, 4, 2),
-    ("dq", 128, "fp32"): Tile(64, 32, 8, 2),
+    ("dq", 64, "fp32"): Tile(32, 64, 8, 2),
+    ("dq", 128, "fp32"): Tile(32, 64, 8, 2),
 }
 
 
@@ -99,7 +99,8 @@ def register_heavy(kernel: str, tile: Tile, head_dim: int, dtype=torch.bfloat16)
 def candidates(kernel: str, head_dim: int, dtype=torch.bfloat16) -> list[Tile]:
     """What a sweep times: the space minus the register-heavy tiles."""
     space = [Tile(bm, bn, w, s) for bm, bn in _SPACE[kernel] for w in (4, 8) for s in (2, 3)]
-    return [t for t in space if not register_heavy(kernel, t, head_dim, dtype)]
+    kept = [t for t in space if not register_heavy(kernel, t, head_dim, dtype)]
+    return list(dict.fromkeys([pinned(kernel, head_dim, dtype), *kept]))   # the pinned tile always competes
 
 
 def pinned(kernel: str, head_dim: int, dtype) -> Tile:
