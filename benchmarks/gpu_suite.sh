@@ -83,7 +83,7 @@ run() {
 # Dry run: the CPU stand-ins of the GPU-only parts (same scripts, same flags otherwise).
 if (( DRY_RUN )); then
   BUILD=(python -m pip install --dry-run -e . --no-build-isolation --no-deps -q)
-  PYTEST_FLAGS=(--collect-only -q); BENCH_FLAGS=(--reps 1)
+  PYTEST_FLAGS=(--collect-only); BENCH_FLAGS=(--reps 1)
   TRAIN_FLAGS=(--tiny --device cpu --steps 1 --warmup 1 --profile-steps 1 --no-compile)
 else
   BUILD=(python -m pip install -e . --no-build-isolation --no-deps -q)
