@@ -357,7 +357,7 @@ def _fmt(v: Variant, r: dict) -> str:
     if r["error"]:
         status = "FAILED"
     elif r["shared"] is not None and r["shared"] > H100_MAX_SMEM:
-        status = "ok (smem > H100 limit: skipped by the autotuner at run time)"
+        status = "ok (smem > H100 limit: a sweep drops it at run time)"
     return (f"{v.kernel:<22} {v.dtype:<5} {v.desc:<40} warps={v.num_warps:<2} stages={v.num_stages} "
             f"regs={regs:<4} spills={spills:<16} smem={smem:<7} {r['seconds']:5.1f}s  {status}")
 
