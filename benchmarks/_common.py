@@ -96,11 +96,20 @@ def result_path(name: str, out: str | Path) -> Path:
     return folder / f"{name}_{stamp}.json"
 
 
-def report(name: str, rows: list[dict], columns: list[str], meta: dict, out: str | Path) -> Path:
-    """Print rows as a table and write {meta, rows} as JSON under ``out``."""
+def write_json(path: Path, obj: dict) -> None:
+    """Write atomically (a reader, or a killed run, never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def report(name: str, rows: list[dict], columns: list[str], meta: dict, out: str | Path,
+           path: Path | None = None) -> Path:
+    """Print rows as a table and write {meta, rows} as JSON under ``out`` (or to ``path``, the file
+    the run has been writing its partial rows to)."""
     print(format_table(rows, columns))
-    path = result_path(name, out)
-    path.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    path = path or result_path(name, out)
+    write_json(path, {**meta, "rows": rows})
     print(f"wrote {path}")
     return path
 

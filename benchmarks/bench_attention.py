@@ -122,7 +122,7 @@ def bytes_moved(rows: int, head_dim: int, elt: int, backward: bool) -> int:
     return fwd + bwd if backward else fwd
 
 
-def run(args, device: torch.device) -> dict:
+def run(args, device: torch.device, progress=None) -> dict:
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32    # the interpreter mishandles bf16 dots
     available = {"flex": on_gpu, "xformers": False}        # flex has no CPU backward
@@ -170,6 +170,8 @@ def run(args, device: torch.device) -> dict:
                 records.append({"shape": shape.name, "backend": name, "mode": mode, "ms": ms,
                                 "tflops": flops / ms / 1e9, "gbps": moved / ms / 1e6,
                                 "visible_pairs": fwd_flops // (4 * shape.head_dim * shape.heads), "tokens": tokens})
+                if progress is not None:     # a killed run keeps every row it measured
+                    progress({"records": records, "skipped": skipped})
         del q, k, v
         if on_gpu:
             torch.cuda.empty_cache()
@@ -198,9 +200,16 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", help=f"subset of shape names: {[s.name for s in SHAPES]}")
     args = p.parse_args(argv)
     device = pick_device()
-    result = provenance(device) | {"args": vars(args)} | run(args, device)
     out = result_path("attention", args.out)
-    out.write_text(json.dumps(result, indent=1))
+    head = provenance(device) | {"args": vars(args)}
+
+    def write(partial):
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(partial, indent=1))
+        tmp.replace(out)
+
+    result = head | run(args, device, progress=lambda rows: write(head | rows | {"partial": True}))
+    write(result)
     print(f"# {result['device']}  torch {result['torch']}  triton {result['triton']}  cuda {result['cuda']}  "
           f"commit {(result['git_commit'] or '')[:10]}  {result['dtype']}  inclusive={result['inclusive']}  -> {out}")
     print(table(result))

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DTYPES, copy_bandwidth, median_ms, parser, pick_device, provenance, report  # noqa: E402
+from _common import (DTYPES, copy_bandwidth, median_ms, parser, pick_device, provenance, report,  # noqa: E402
+                     result_path, write_json)
 
 CPU_NOTE = "cpu (Triton interpreter: smoke run, not a performance result)"
 
@@ -43,6 +44,7 @@ def main() -> None:
     print(f"device copy bandwidth: {bw / 1e9:.1f} GB/s")
 
     rows, shapes = [], []
+    path = result_path("skip_memory", args.out)   # rewritten after every row: a killed run keeps its rows
     gen = torch.Generator(device=device).manual_seed(0)
     for n in tokens:
         hidden = torch.randn(lenc, batch, n, dim, device=device, generator=gen).to(dtype).requires_grad_()
@@ -65,10 +67,11 @@ def main() -> None:
                 rows.append({"case": case, "N": n, "backend": "pytorch" if backend == "reference" else backend,
                              "median_ms": round(ms, 4), "GB/s": round(nbytes / (ms * 1e-3) / 1e9, 1),
                              "frac_of_copy_bw": round(nbytes / (ms * 1e-3) / bw, 3), "min_bytes": nbytes})
+                write_json(path, {**provenance(device, cpu_note=CPU_NOTE), "benchmark": "skip_memory", "partial": True, "rows": rows})
         del hidden, grad_out
     meta = {**provenance(device, cpu_note=CPU_NOTE), "benchmark": "skip_memory", "Lenc": lenc, "Ldec": ldec,
             "batch": batch, "dim": dim, "reps": reps, "copy_bandwidth_GBps": round(bw / 1e9, 1), "shapes": shapes}
-    report("skip_memory", rows, ["case", "N", "backend", "median_ms", "GB/s", "frac_of_copy_bw"], meta, args.out)
+    report("skip_memory", rows, ["case", "N", "backend", "median_ms", "GB/s", "frac_of_copy_bw"], meta, args.out, path=path)
 
 
 if __name__ == "__main__":

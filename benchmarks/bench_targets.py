@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DTYPES, copy_bandwidth, median_ms, parser, pick_device, provenance, report  # noqa: E402
+from _common import (DTYPES, copy_bandwidth, median_ms, parser, pick_device, provenance, report,  # noqa: E402
+                     result_path, write_json)
 
 CPU_NOTE = "cpu (Triton interpreter: smoke run, not a performance result)"
 
@@ -47,6 +48,7 @@ def main() -> None:
     print(f"device copy bandwidth: {bw / 1e9:.1f} GB/s")
 
     rows, shapes = [], []
+    path = result_path("targets", args.out)   # rewritten after every row: a killed run keeps its rows
     gen = torch.Generator(device=device).manual_seed(0)
     for size in sizes:
         images = torch.rand(batch, channels, size, size, device=device, generator=gen).to(dtype)
@@ -79,10 +81,11 @@ def main() -> None:
                                  "backend": "pytorch" if backend == "reference" else backend,
                                  "median_ms": round(ms, 4), "GB/s": round(nbytes / (ms * 1e-3) / 1e9, 1),
                                  "frac_of_copy_bw": round(nbytes / (ms * 1e-3) / bw, 3), "min_bytes": nbytes})
+                    write_json(path, {**provenance(device, cpu_note=CPU_NOTE), "benchmark": "targets", "partial": True, "rows": rows})
     meta = {**provenance(device, cpu_note=CPU_NOTE), "benchmark": "targets", "batch": batch, "reps": reps,
             "copy_bandwidth_GBps": round(bw / 1e9, 1), "shapes": shapes, "blur_sigma": 1.0, "norm_pix": True}
     report("targets", rows, ["case", "image", "blur_k", "backend", "median_ms", "GB/s", "frac_of_copy_bw"],
-           meta, args.out)
+           meta, args.out, path=path)
 
 
 if __name__ == "__main__":

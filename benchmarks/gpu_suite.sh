@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite in one call, sized to fit 8 minutes on one H100 / H200 (SUITE_S, default 480):
-#   0. python -m randsac_fast.info: versions, backends, self-check verdicts, ViT-B timings
-#      ($OUT/info.json first, so even a cut-short lease leaves it),
+#   0. python -m randsac_fast.info --quick: versions, backends, bf16 self-check verdicts, ViT-B
+#      timings ($OUT/info.json, rewritten after every verdict, so even a cut-short step leaves it),
 #   1. build the CUDA extension, one architecture, MAX_JOBS parallel (a JIT build on first use if
 #      the install fails),
 #   2. the GPU test subset (kernel parity, dispatch, info) before anything slow,
@@ -47,6 +47,13 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"   # H100 / H200 (sm_9
 export MAX_JOBS="${MAX_JOBS:-16}"
 export RANDSAC_FAST_AUTOTUNE_CACHE="${RANDSAC_FAST_AUTOTUNE_CACHE:-$OUT/autotune.json}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"          # this checkout, installed or not
+# Compiled Triton kernels are cached on disk and shared by every step (a kernel compiled by info
+# is loaded, not compiled, by tests and benchmarks); attention tiles are the pinned sm_90 set.
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
+export RANDSAC_FAST_TILES="${RANDSAC_FAST_TILES:-pinned}"
+# The dry run records every step's Triton compile keys (randsac_fast.kernels.compile_log).
+COMPILE_LOG_DIR=""
+(( DRY_RUN )) && COMPILE_LOG_DIR="$OUT"
 declare -a STATUS=()
 t_start=$SECONDS
 
@@ -61,7 +68,8 @@ run() {
   (( limit > left )) && limit=$left
   if (( limit < 10 )); then STATUS+=("$name: SKIPPED (suite time spent)"); return 1; fi
   echo "=== [$((SECONDS - t_start))s] $name: $*"
-  timeout --kill-after=20 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  RANDSAC_FAST_COMPILE_LOG="${COMPILE_LOG_DIR:+$COMPILE_LOG_DIR/compiles_$name.jsonl}" \
+    timeout --kill-after=20 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   rc=$?
   tail -n 40 "$LOGS/$name.log"
   case $rc in
@@ -74,22 +82,23 @@ run() {
 
 # Dry run: the CPU stand-ins of the GPU-only parts (same scripts, same flags otherwise).
 if (( DRY_RUN )); then
-  INFO_FLAGS=(--quick); BUILD=(python -m pip install --dry-run -e . --no-build-isolation --no-deps -q)
+  BUILD=(python -m pip install --dry-run -e . --no-build-isolation --no-deps -q)
   PYTEST_FLAGS=(--collect-only); BENCH_FLAGS=(--reps 1)
   TRAIN_FLAGS=(--tiny --device cpu --steps 1 --warmup 1 --profile-steps 1 --no-compile)
 else
-  INFO_FLAGS=(); BUILD=(python -m pip install -e . --no-build-isolation --no-deps -q)
+  BUILD=(python -m pip install -e . --no-build-isolation --no-deps -q)
   PYTEST_FLAGS=(); BENCH_FLAGS=(); TRAIN_FLAGS=()
 fi
-# The GPU test subset: every kernel's parity against float64, the verified dispatch, info.
+# The GPU test subset (-m gpu: the tests that need a CUDA device, marked in tests/conftest.py):
+# bf16 / fp16 parity of every kernel against float64 and the CUDA extension, before the benchmarks.
 GPU_TESTS=(tests/test_attention_triton.py tests/test_attention_cuda.py tests/test_attention_peers.py
-           tests/test_targets_triton.py tests/test_skip_triton.py tests/test_dispatch.py tests/test_info.py)
+           tests/test_targets_triton.py tests/test_skip_triton.py -m gpu)
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
 # 0. What this machine runs (before the build: the triton / sdpa verdicts and timings need no extension).
-run info "${INFO_S:-60}" python -m randsac_fast.info "${INFO_FLAGS[@]}" --out "$OUT/info.json"
+run info "${INFO_S:-60}" python -m randsac_fast.info --quick --out "$OUT/info.json"
 
 # 1. CUDA extension. If the editable install fails, the cuda backend compiles itself on first use.
 if ! run build "${BUILD_S:-180}" "${BUILD[@]}"; then
@@ -105,6 +114,7 @@ fi
 # 2. The GPU test subset (the summary and any failures are kept in $OUT/pytest.txt).
 run tests "${TESTS_S:-120}" python -m pytest -q "${GPU_TESTS[@]}" -p no:cacheprovider "${PYTEST_FLAGS[@]}"
 grep -E "passed|failed|error|FAILED|ERROR|SKIPPED|collected|tests? collected" "$LOGS/tests.log" | tail -n 60 > "$OUT/pytest.txt"
+(( DRY_RUN )) && grep "::" "$LOGS/tests.log" > "$OUT/gpu_tests.txt"
 
 # 3. Headline benchmarks, --quick, one JSON each.
 run attention   "${ATTN_S:-75}"    python benchmarks/bench_attention.py --quick --out "$OUT" "${BENCH_FLAGS[@]}"
@@ -116,7 +126,13 @@ run train       "${TRAIN_S:-240}"  python benchmarks/bench_train.py --quick --ou
 
 # 4. The report again, now with the extension's verdicts and warm kernels (fits in train's reserve).
 #    The same command as step 0 with another --out: the dry run does not repeat it.
-(( DRY_RUN )) || run info_after_build "${INFO_S:-60}" python -m randsac_fast.info "${INFO_FLAGS[@]}" --out "$OUT/info_after_build.json"
+(( DRY_RUN )) || run info_after_build "${INFO_S:-60}" python -m randsac_fast.info --quick --out "$OUT/info_after_build.json"
+
+# Dry run: how many Triton compiles each step triggers on a GPU and what they cost (measured here).
+if (( DRY_RUN )); then
+  python benchmarks/compile_budget.py "$OUT" info tests attention targets skip_memory train \
+    | tee "$OUT/compile_budget.txt" || STATUS+=("compile_budget: FAILED (estimate over budget or a GPU test without a plan)")
+fi
 
 # 5. Combined summary, last.
 python - "$OUT" "${STATUS[@]}" <<'EOF' | tee "$OUT/suite_summary.txt"
@@ -178,6 +194,8 @@ def info(res):
 print("\n==================== GPU suite summary ====================")
 for s in status:
     print("  " + s)
+if (out / "compile_budget.txt").exists():
+    print("  " + (out / "compile_budget.txt").read_text().strip().splitlines()[-1])
 tests = (out / "pytest.txt").read_text().strip().splitlines() if (out / "pytest.txt").exists() else []
 print("  pytest: " + (tests[-1] if tests else "no summary"))
 meta = next((m for m in map(latest, ("train", "attention", "targets", "skip_memory")) if m), None)

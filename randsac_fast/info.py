@@ -99,14 +99,16 @@ def backends() -> dict:
     return out
 
 
-def _dtypes(device: torch.device) -> list[torch.dtype]:
+def _dtypes(device: torch.device, quick: bool = False) -> list[torch.dtype]:
     # The interpreter holds bf16 as raw integers in tl.dot: bf16 is checked on a GPU only.
+    if quick:   # the training dtype on a GPU; the first dtype the interpreter handles on the CPU
+        return [torch.bfloat16] if device.type == "cuda" else [torch.float32]
     return [torch.float32, torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float32, torch.float16]
 
 
-def self_checks(device: torch.device, available: dict, quick: bool = False) -> list[dict]:
+def self_checks(device: torch.device, available: dict, quick: bool = False, progress=None) -> list[dict]:
     """Every fast backend of every op, per dtype and structure, through the dispatcher's own check
-    (``quick``: the first dtype and structure of each op only)."""
+    (``quick``: bf16 on a GPU, and the first structure of each op only; ``progress(rows)`` after each)."""
     structures = STRUCTURES if device.type == "cuda" else CPU_STRUCTURES
     rows = []
     for op, problems in _dispatch.registered().items():
@@ -115,11 +117,13 @@ def self_checks(device: torch.device, available: dict, quick: bool = False) -> l
                 continue
             if name in ("flex", "xformers"):     # peers for benchmarks, not auto candidates
                 continue
-            for dtype in _dtypes(device)[:1 if quick else None]:
+            for dtype in _dtypes(device, quick):
                 for structure in structures.get(op, [])[:1 if quick else None]:
                     verdict = _dispatch.verify(op, name, device, dtype, structure)
                     rows.append(verdict.as_dict() | {"dtype": str(dtype).removeprefix("torch."),
                                                      "structure": [str(s) for s in structure]})
+                    if progress is not None:
+                        progress(rows)
     return rows
 
 
@@ -160,8 +164,9 @@ def timings(device: torch.device) -> tuple[list[dict], list[dict]]:
     return rows, auto
 
 
-def collect(quick: bool = False) -> dict:
-    """Every field of the report (see FIELDS); ``quick``: fewer self-checks (a rehearsal)."""
+def collect(quick: bool = False, out: str | None = None) -> dict:
+    """Every field of the report (see FIELDS); ``quick``: fewer self-checks (a rehearsal). ``out``: the
+    JSON file, rewritten after every self-check verdict (a killed run leaves what it checked)."""
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = versions()
@@ -173,7 +178,11 @@ def collect(quick: bool = False) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            info["selfcheck"] = self_checks(device, info["backends"], quick)
+            info["selfcheck"] = self_checks(device, info["backends"], quick,
+                                            progress=(lambda rows: _write(out, info | {"selfcheck": rows}))
+                                            if out else None)
+            if out:
+                _write(out, info)
             info["timing"], info["auto"] = timings(device)
     finally:
         selfcheck.set_mode(saved_mode)
@@ -181,6 +190,15 @@ def collect(quick: bool = False) -> dict:
     info["seconds"] = round(time.perf_counter() - t0, 2)
     assert set(info) == set(FIELDS), sorted(set(info) ^ set(FIELDS))
     return info
+
+
+def _write(path: str, info: dict) -> None:
+    """Write the (possibly partial) report atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(info, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 def report(info: dict) -> str:
@@ -227,13 +245,12 @@ def report(info: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m randsac_fast.info", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object with every field")
-    p.add_argument("--quick", action="store_true", help="one dtype and structure per op (a rehearsal of the report)")
+    p.add_argument("--quick", action="store_true", help="bf16 on a GPU (fp32 on the CPU), one structure per op")
     p.add_argument("--out", default=None, help="also write the JSON to this file (the report still prints)")
     args = p.parse_args(argv)
-    info = collect(args.quick)
+    info = collect(args.quick, args.out)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(info, indent=1))
+        _write(args.out, info)
     print(json.dumps(info, indent=1) if args.json else report(info))
     failed = [r for r in info["selfcheck"] if r["status"] in ("mismatch", "error")]
     return 1 if failed else 0

@@ -20,3 +20,12 @@ def group():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+def pytest_collection_modifyitems(items):
+    """``-m gpu`` selects the tests that need a CUDA device (skipped elsewhere with that reason)."""
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            if mark.kwargs.get("reason") == "needs a CUDA device" or "CUDA device" in str(mark.kwargs.get("reason")):
+                item.add_marker(pytest.mark.gpu)
+                break

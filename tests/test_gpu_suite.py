@@ -33,3 +33,13 @@ def test_dry_run_rehearses_every_step(tmp_path):
         assert list(tmp_path.glob(f"{prefix}_*.json")), prefix
     assert "collected" in (tmp_path / "pytest.txt").read_text()
     assert summary.rstrip().splitlines()[-1].strip()          # the table is the last thing printed
+    # the compile budget: every step's Triton compiles counted on the CPU, times a measured cost
+    budget = json.loads((tmp_path / "compile_budget.json").read_text())
+    steps = {r["step"]: r for r in budget["rows"]}
+    assert set(steps) == {"info", "tests", "attention", "targets", "skip_memory", "train"}, steps
+    assert steps["info"]["compiles"] > 0 and steps["tests"]["compiles"] > 0, steps
+    assert 0 < budget["estimate_s"] <= 480, budget
+    assert f"compile count: {budget['compiles']}; compile time estimate:" in proc.stdout
+    assert "compile count:" in summary
+    for prefix in ("attention", "targets", "skip_memory"):   # written row by row, final file not partial
+        assert "partial" not in json.loads(sorted(tmp_path.glob(f"{prefix}_*.json"))[-1].read_text()), prefix

@@ -11,17 +11,15 @@ The exit status is 1 if any variant failed to compile.
 
 Default variant set (a representative subset that keeps the run to a few minutes on two cores):
 
-* attention forward / bwd dK-dV / bwd dQ: every autotune config the autotuner would try for a
-  long sequence (after the kernels' own ``_prune``), bf16 at head dims 64 and 128; fp16 at head
-  dims 64 and 128 with the first kept config of each tile shape (BLOCK_M, BLOCK_N); fp32 (ieee
-  dots) at head dim 64 and bf16 at head dim 32 with the first kept config of each kernel;
-* attention bwd delta (not autotuned): fp16, bf16 at 64 and 128, fp32 at 64, bf16 at 32;
+* attention forward / bwd dK-dV / bwd dQ: the pinned tile (what a launch uses by default, see
+  ``triton_attention.PINNED``) in bf16, fp16 and fp32 (ieee dots) at head dims 32, 64 and 128;
+* attention bwd delta (one fixed tile): the same dtypes and head dims;
 * skip memory forward / backward: fp32 and bf16 hidden states (fp32 weight), Lenc=12, Ldec=8;
 * patch targets / patch loss forward / backward: fp32 and bf16 images (and predictions),
   P=16, C=3, blur k=9 and k=0, norm-pix on.
 
-``--full`` compiles every kept autotune config for fp16 and bf16 at 64 and 128, and for fp32 at 64
-and bf16 at 32 too.
+``--full`` compiles, for the attention kernels, every tile a ``RANDSAC_FAST_TILES=sweep`` run may
+time (the kernels' candidates after their register prune) in bf16, fp16 and fp32 at 64 and 128.
 
 The module never needs CUDA. It refuses the Triton interpreter: with TRITON_INTERPRET set it is
 removed from this process's environment before Triton and the kernel modules are imported.
@@ -122,13 +120,18 @@ def _unwrap(kernel):
     return kernel
 
 
-def _attention_configs(mod, kernel, d):
-    """The autotune configs the kernel's own prune hook keeps for a long sequence at head dim d."""
-    configs = list(getattr(kernel, "configs", []))
-    prune = getattr(mod, "_prune", None)
-    if prune is not None and configs:
-        configs = prune(configs, {"N_Q": _NQ, "N_K": _NK, "HEAD_DIM": d})
-    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
+_TILED = {"_fwd_kernel": "fwd", "_bwd_dkdv_kernel": "dkdv", "_bwd_dq_kernel": "dq"}
+
+
+def _attention_configs(mod, kernel_name, d, dtype, which):
+    """(BLOCK_M, BLOCK_N, warps, stages) to compile: the pinned tile ("pinned") or every tile a
+    sweep may time after the kernel's own prune ("all")."""
+    kernel = _TILED[kernel_name]
+    if which == "pinned":
+        tiles = [mod.pinned(kernel, d, dtype)]
+    else:
+        tiles = mod.candidates(kernel, d, dtype)
+    return [(t.block_m, t.block_n, t.num_warps, t.num_stages) for t in tiles]
 
 
 def _attention_variants(full: bool) -> list[Variant]:
@@ -139,11 +142,10 @@ def _attention_variants(full: bool) -> list[Variant]:
     def strides(d, n):
         return _H * n * d, n * d, d          # contiguous [B, H, N, D]
 
-    # (dtype, head dim, which configs): "all" = every kept config, "shapes" = first per tile shape, "one" = first.
-    plan = [("bf16", 64, "all"), ("bf16", 128, "all"), ("fp16", 64, "shapes"), ("fp16", 128, "shapes"),
-            ("fp32", 64, "one"), ("bf16", 32, "one")]
+    # (dtype, head dim, which tiles): "pinned" = the tile launched by default, "all" = every sweep candidate.
+    plan = [(dt, d, "pinned") for dt in ("bf16", "fp16", "fp32") for d in (32, 64, 128)]
     if full:
-        plan = [(dt, d, "all") for dt, d, _ in plan]
+        plan = [(dt, d, "all") for dt in ("bf16", "fp16", "fp32") for d in (64, 128)]
     for dt, d, which in plan:
         block_d = max(16, 1 << (d - 1).bit_length())
         precision = "ieee" if dt == "fp32" else "tf32"
@@ -165,17 +167,7 @@ def _attention_variants(full: bool) -> list[Variant]:
                                    H=_H, N_Q=_NQ, N_K=_NK, scale=0.125, scale_log2=0.18),
         }
         for kname, args in kernels.items():
-            configs = _attention_configs(mod, getattr(mod, kname), d)
-            if which == "one":
-                configs = configs[:1]
-            elif which == "shapes":
-                seen, kept = set(), []
-                for c in configs:
-                    if c[:2] not in seen:
-                        seen.add(c[:2])
-                        kept.append(c)
-                configs = kept
-            for bm, bn, w, s in configs:
+            for bm, bn, w, s in _attention_configs(mod, kname, d, dt, which):
                 out.append(Variant(name, kname, dt, f"D={d} BM={bm} BN={bn}", args,
                                    dict(common, BLOCK_M=bm, BLOCK_N=bn), w, s))
         # bwd delta: not autotuned; the launcher uses BLOCK_M=64 and Triton's default warps / stages.
@@ -201,12 +193,12 @@ def _skip_variants() -> list[Variant]:
         t, w = Ptr(dt), Ptr("fp32")
         out.append(Variant(mod.__name__, "skip_fwd_kernel", dt, f"Lenc={_LENC} LD={ld} BLOCK={mod.BLOCK}",
                            dict(h_ptrs=(t,) * _LENC, w_ptr=w, z_ptr=t, M=m, LDEC=_LDEC),
-                           dict(LENC=_LENC, LD=ld, BLOCK=mod.BLOCK), 8, 3))
+                           dict(LENC=_LENC, LD=ld, BLOCK=mod.BLOCK), mod.NUM_WARPS, 3))
         out.append(Variant(mod.__name__, "skip_bwd_kernel", dt, f"Lenc={_LENC} LD={ld} LK={lk} BLOCK={mod.BLOCK}",
                            dict(dz_ptr=t, h_ptrs=(t,) * _LENC, w_ptr=w, dh_ptrs=(t,) * _LENC,
                                 dw_part_ptr=Ptr("fp32"), M=m, LDEC=_LDEC,
                                 n_blocks=n_blocks),
-                           dict(LENC=_LENC, LD=ld, LK=lk, BLOCK=mod.BLOCK), 8, 3))
+                           dict(LENC=_LENC, LD=ld, LK=lk, BLOCK=mod.BLOCK), mod.NUM_WARPS, 3))
     return out
 
 
@@ -268,6 +260,14 @@ def _resources_from_cubin(cubin: bytes):
     return int(m.group(1)) if m else None
 
 
+def _unspecialised(fn) -> set[str]:
+    """Names of the arguments a kernel marks ``do_not_specialize`` (given by name or index)."""
+    names = set()
+    for x in getattr(fn, "do_not_specialize", None) or ():
+        names.add(fn.arg_names[x] if isinstance(x, int) else x)
+    return names
+
+
 def compile_variant(v: Variant) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -296,6 +296,8 @@ def compile_variant(v: Variant) -> dict:
                         attrs[(i, j)] = [["tt.divisibility", 16]]
                 continue
             ty, divisible, folded = _specialise(v.args[a])
+            if a in _unspecialised(fn):               # do_not_specialize: neither folded nor marked divisible
+                ty, divisible, folded = ("i32" if ty == "constexpr" else ty), False, False
             signature[a] = ty
             if folded:
                 constexprs[a] = v.args[a]
@@ -355,7 +357,7 @@ def _fmt(v: Variant, r: dict) -> str:
     if r["error"]:
         status = "FAILED"
     elif r["shared"] is not None and r["shared"] > H100_MAX_SMEM:
-        status = "ok (smem > H100 limit: skipped by the autotuner at run time)"
+        status = "ok (smem > H100 limit: a sweep drops it at run time)"
     return (f"{v.kernel:<22} {v.dtype:<5} {v.desc:<40} warps={v.num_warps:<2} stages={v.num_stages} "
             f"regs={regs:<4} spills={spills:<16} smem={smem:<7} {r['seconds']:5.1f}s  {status}")
 
@@ -364,7 +366,7 @@ def main(argv=None) -> int:
     _prepare_environment()
     parser = argparse.ArgumentParser(prog="python -m randsac_fast.kernels.compile_check",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=False, help="every kept autotune config for every dtype / head dim")
+    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=False, help="every sweep candidate tile of the attention kernels")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
     parser.add_argument("--list", action=argparse.BooleanOptionalAction, default=False, help="list the variants without compiling")

@@ -25,37 +25,101 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.autotune import Tile
+
 # triton.jit decides between compiling and interpreting when a kernel is defined, i.e. at import:
-# read the same switch here so that the autotune configs match the kind of kernel defined below.
+# read the same switch here so that the tiles match the kind of kernel defined below.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 #: the largest head dim the kernels take (one [BLOCK, D] tile of q, k, v each lives in registers).
 MAX_HEAD_DIM = 128
 
 
-def _configs(blocks, warps=(4, 8), stages=(2, 3)):
-    """Autotune space (H100 / H200); one small config under the interpreter, where tuning is too slow."""
+# Tiles. A launcher asks randsac_fast.ops.autotune.choose_tile for its (BLOCK_M, BLOCK_N, warps,
+# stages): by default the pinned tile below (one compile per kernel variant, the same tile on every
+# rank); with RANDSAC_FAST_TILES=sweep the fastest candidate per bucketed key. Candidates are the
+# space below minus the tiles that spill registers on sm_90 (``python -m
+# randsac_fast.kernels.compile_check --full`` prints registers and spills of each). Sequence lengths
+# and the head count are not specialised on (``do_not_specialize``): a new length is neither a new
+# compile nor a new tuning.
+_SPACE = {
+    "fwd": [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)],
+    "dkdv": [(32, 64), (64, 64), (64, 128), (128, 64), (32, 128)],    # (BLOCK_M queries, BLOCK_N keys)
+    "dq": [(64, 32), (64, 64), (128, 32), (128, 64)],
+}
+_UNSPECIALISED = ["H", "N_Q", "N_K"]
+_INTERPRETER_TILE = Tile(16, 16, 1, 1)   # the interpreter runs one program at a time: small and fast
+
+# Known-good sm_90 tiles per (kernel, head dims up to 64 / 128, half precision / fp32): no spills
+# at any head dim of the class (compile_check), registers low enough for >= 2 CTAs per SM where
+# the tile allows it. See benchmarks/RESULTS.md, "First-contact autotuning".
+PINNED = {
+    ("fwd", 64, "half"): Tile(128, 64, 4, 3),
+    ("fwd", 128, "half"): Tile(128, 64, 8, 3),
+    ("fwd", 64, "fp32"): Tile(32, 64, 8, 2),
+    ("fwd", 128, "fp32"): Tile(32, 64, 8, 2),
+    ("dkdv", 64, "half"): Tile(64, 64, 4, 2),
+    ("dkdv", 128, "half"): Tile(64, 64, 8, 2),
+    ("dkdv", 64, "fp32"): Tile(32, 16, 8, 2),
+    ("dkdv", 128, "fp32"): Tile(32, 16, 8, 2),
+    ("dq", 64, "half"): Tile(64, 64, 4, 2),
+    ("dq", 128, "half"): Tile(64, 64, 8, 2),
+    ("dq", 64, "fp32"): Tile(32, 64, 8, 2),
+    ("dq", 128, "fp32"): Tile(32, 64, 8, 2),
+}
+
+
+def _classes(head_dim: int, dtype) -> tuple[int, str]:
+    dtype_class = "fp32" if dtype in (torch.float32, "fp32") else "half"
+    return (64 if head_dim <= 64 else 128), dtype_class
+
+
+def register_heavy(kernel: str, tile: Tile, head_dim: int, dtype=torch.bfloat16) -> bool:
+    """Tiles that spill registers on sm_90 (or sit at the 255-register cap): never worth a compile.
+
+    The estimate is the fp32 values a thread keeps live in the loop: accumulators ([BM, D] or two
+    [BN, D]) plus the score tiles ([BM, BN]: one in the forward, two in each backward kernel),
+    over the threads of the CTA; compile_check calibrates the threshold (at 4 warps, 128 values
+    per thread already compile to 234-252 registers; above that they spill).
+    """
+    d = max(16, triton.next_power_of_2(head_dim))
+    bm, bn, threads = tile.block_m, tile.block_n, 32 * tile.num_warps
+    if kernel == "fwd":
+        live = bm * d + bm * bn
+    elif kernel == "dkdv":
+        live = 2 * bn * d + 2 * bm * bn
+    else:
+        live = bm * d + 2 * bm * bn
+    limit = 96 if _classes(head_dim, dtype)[1] == "fp32" else 128
+    # dK/dV holds its two score tiles transposed ([BN, BM]) next to the q and dO tiles it reloads
+    # every step: with 128 query rows it spills at 4 and at 8 warps (compile_check, D = 64 and 128).
+    return live / threads > limit or (kernel == "dkdv" and bm > 64)
+
+
+def candidates(kernel: str, head_dim: int, dtype=torch.bfloat16) -> list[Tile]:
+    """What a sweep times: the space minus the register-heavy tiles."""
+    space = [Tile(bm, bn, w, s) for bm, bn in _SPACE[kernel] for w in (4, 8) for s in (2, 3)]
+    kept = [t for t in space if not register_heavy(kernel, t, head_dim, dtype)]
+    return list(dict.fromkeys([pinned(kernel, head_dim, dtype), *kept]))   # the pinned tile always competes
+
+
+def pinned(kernel: str, head_dim: int, dtype) -> Tile:
+    """The known-good tile of a kernel for a head dim and dtype (see PINNED)."""
+    return PINNED[(kernel, *_classes(head_dim, dtype))]
+
+
+def _tile(kernel: str, q: torch.Tensor, n_q: int, n_k: int, launch) -> Tile:
+    """The tile to launch ``kernel`` with; ``launch(tile)`` runs it (timed only by a sweep)."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in blocks for w in warps for s in stages]
+        return _INTERPRETER_TILE
+    from ..ops import autotune
+    head_dim = q.shape[-1]
 
+    def bench(tile: Tile) -> float:
+        return triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=20)
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles much larger than the problem (short sequences) and register-heavy ones at D=128."""
-    args = {**named_args, **kwargs}   # constexprs arrive as keyword arguments
-    n_q, n_k, d = args["N_Q"], args["N_K"], args["HEAD_DIM"]
-    keep = [c for c in configs
-            if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(n_q))
-            and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(n_k))
-            and not (d > 64 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64 and c.num_warps < 8)]
-    return keep or configs[:1]
-
-
-_TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM"]
-_FWD_CONFIGS = _configs([(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)])
-_BWD_CONFIGS = _configs([(32, 64), (64, 64), (64, 128), (128, 64), (32, 128)])
-_DQ_CONFIGS = _configs([(64, 32), (64, 64), (128, 32), (128, 64)])
+    return autotune.choose_tile(kernel, q.device, q.dtype, head_dim, n_q, n_k, [pinned(kernel, head_dim, q.dtype)],
+                                candidates(kernel, head_dim, q.dtype), bench)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,8 +162,7 @@ def _fwd_tile(q, k_ptrs, v_ptrs, start_n, N_K, kv_len, m_i, l_i, acc, offs_n, of
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _fwd_kernel(Q, K, V, O, LSE, KV_LEN,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
@@ -153,7 +216,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KV_LEN,
 # ----------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["H", "N_Q"])
 def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
                       H, N_Q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) in fp32: the softmax-backward term shared by dQ and dK."""
@@ -198,8 +261,7 @@ def _dkdv_tile(k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, kv_ptr, start_m, cols,
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KV_LEN, Q_START, DK, DV,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
@@ -270,8 +332,7 @@ def _dq_tile(q, do, lse, delta, k_ptrs, v_ptrs, start_n, N_K, kv_len, dq, offs_n
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KV_LEN, DQ,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
@@ -357,12 +418,13 @@ def forward(q, k, v, kv_len, scale: float, o=None) -> tuple[torch.Tensor, torch.
     if Nk == 0:   # nothing to see: the "query that sees no key" rule for every row
         return o.zero_(), lse.fill_(float("inf"))
 
-    def grid(meta):
-        return triton.cdiv(Nq, meta["BLOCK_M"]), B * H
+    def launch(tile: Tile):
+        _fwd_kernel[(triton.cdiv(Nq, tile.block_m), B * H)](
+            q, k, v, o, lse, kv_len, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            H, Nq, Nk, scale * _LOG2E, HEAD_DIM=D, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype),
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages)
 
-    _fwd_kernel[grid](q, k, v, o, lse, kv_len, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                      H, Nq, Nk, scale * _LOG2E,
-                      HEAD_DIM=D, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype))
+    launch(_tile("fwd", q, Nq, Nk, launch))
     return o, lse
 
 
@@ -382,17 +444,27 @@ def backward(do, q, k, v, o, lse, kv_len, q_start, scale: float, grads=None):
     _bwd_delta_kernel[(triton.cdiv(Nq, block_rows), B * H)](
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Nq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_rows)
 
-    def grid_k(meta):
-        return triton.cdiv(Nk, meta["BLOCK_N"]), B * H
-
-    def grid_q(meta):
-        return triton.cdiv(Nq, meta["BLOCK_M"]), B * H
-
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=precision)
-    _bwd_dkdv_kernel[grid_k](q, k, v, do, lse, delta, kv_len, q_start, dk, dv,
-                             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-                             *dk.stride()[:3], *dv.stride()[:3], H, Nq, Nk, scale, scale * _LOG2E, **common)
-    _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, kv_len, dq,
-                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-                           *dq.stride()[:3], H, Nq, Nk, scale, scale * _LOG2E, **common)
+
+    def launch_dkdv(tile: Tile):
+        _bwd_dkdv_kernel[(triton.cdiv(Nk, tile.block_n), B * H)](
+            q, k, v, do, lse, delta, kv_len, q_start, dk, dv,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dk.stride()[:3], *dv.stride()[:3], H, Nq, Nk, scale, scale * _LOG2E, **common,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+    def launch_dq(tile: Tile):
+        _bwd_dq_kernel[(triton.cdiv(Nq, tile.block_m), B * H)](
+            q, k, v, do, lse, delta, kv_len, dq,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dq.stride()[:3], H, Nq, Nk, scale, scale * _LOG2E, **common,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+    launch_dkdv(_tile("dkdv", q, Nq, Nk, launch_dkdv))
+    launch_dq(_tile("dq", q, Nq, Nk, launch_dq))
     return dq, dk, dv
+
+
+from .compile_log import instrument as _instrument  # noqa: E402
+
+_instrument(globals())   # RANDSAC_FAST_COMPILE_LOG: record the compile key of every launch

@@ -17,7 +17,11 @@ except ImportError as e:  # the dispatcher turns this into BackendUnavailable
 
 #: Elements of M per block, and the cap on backward programs (each loops over several blocks);
 #: a fixed cap keeps the dW reduction order — hence its bits — independent of the GPU.
-BLOCK = 1024
+#: 256 elements on 4 warps (2 per thread): 64-96 registers on sm_90, several CTAs per SM to keep
+#: loads in flight. 1024 on 8 warps held an [LD, 1024] fp32 tile and took 171-180 registers (one
+#: CTA per SM) for an op that only streams memory (benchmarks/RESULTS.md, "First-contact autotuning").
+BLOCK = 256
+NUM_WARPS = 4
 MAX_BWD_PROGRAMS = 1024
 
 
@@ -41,7 +45,7 @@ def skip_fwd_kernel(h_ptrs, w_ptr, z_ptr, M, LDEC, LENC: tl.constexpr, LD: tl.co
              mask=l_ok[:, None] & m_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_blocks"])   # a loop bound: no new compile per length
 def skip_bwd_kernel(dz_ptr, h_ptrs, w_ptr, dh_ptrs, dw_part_ptr, M, LDEC, n_blocks, LENC: tl.constexpr,
                     LD: tl.constexpr, LK: tl.constexpr, BLOCK: tl.constexpr):
     """dh[k] = sum_l w[l, k] dz[l] (dh_ptrs: LENC pointers to [M]);  dw_part[pid, l, k] = sum over this program's blocks of
@@ -63,3 +67,8 @@ def skip_bwd_kernel(dz_ptr, h_ptrs, w_ptr, dh_ptrs, dw_part_ptr, M, LDEC, n_bloc
             h = tl.load(h_ptrs[k] + offs, mask=m_ok, other=0.0).to(tl.float32)
             dw += tl.where(kk[None, :] == k, tl.sum(dz * h[None, :], axis=1)[:, None], 0.0)
     tl.store(dw_part_ptr + pid * (LD * LK) + l[:, None] * LK + kk[None, :], dw)
+
+
+from .compile_log import instrument as _instrument  # noqa: E402
+
+_instrument(globals())   # RANDSAC_FAST_COMPILE_LOG: record the compile key of every launch

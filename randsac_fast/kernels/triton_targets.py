@@ -144,3 +144,8 @@ def patch_loss_bwd_kernel(pred_ptr, img_ptr, perm_ptr, valid_ptr, taps_ptr, coef
     if HAS_VALID:
         d = tl.where(tl.load(valid_ptr + row) != 0, d, 0.0)
     tl.store(dpred_ptr + ptrs, d.to(dpred_ptr.dtype.element_ty), mask=mask)
+
+
+from .compile_log import instrument as _instrument  # noqa: E402
+
+_instrument(globals())   # RANDSAC_FAST_COMPILE_LOG: record the compile key of every launch

@@ -16,6 +16,24 @@ timed calls, CUDA events) and caches the winner for the process.
   only if it passed this process's self-check.
 
 Timing never draws from the global RNG and runs eagerly (under ``torch.compile`` at trace time).
+
+Kernel tiles (the second half of this module): which tile (BLOCK_M, BLOCK_N, warps, stages) a
+Triton kernel launches with. A first GPU run must not spend its minutes compiling tiles that
+cannot win, and every rank must launch the same tile (the tile fixes the accumulation order):
+
+* ``RANDSAC_FAST_TILES``: ``pinned`` (default) takes a small known-good sm_90 set per (kernel, head
+  dim, dtype), fixed in the kernel module: one compile per kernel variant, no timing, and the
+  same tile on every rank by construction. ``sweep`` times every candidate that can win (the
+  kernel's own prune drops oversized and spilling tiles) the first time a key is seen; under a
+  process group rank 0 times and broadcasts its choice, so every rank launches the same tile
+  (every rank must then reach each new key in the same order, as SPMD training does; else use
+  ``pinned`` or carry the decisions in the cache file).
+* Keys bucket the sequence lengths to powers of two (:func:`length_bucket`), so RandSAC's lengths,
+  which differ per order family, share one decision per bucket.
+* Swept decisions are stored with the backend winners in ``RANDSAC_FAST_AUTOTUNE_CACHE`` (a loaded
+  decision needs no timing and no collective). Compiled kernels are cached by Triton itself, on
+  disk under ``TRITON_CACHE_DIR`` (default ``~/.triton/cache``): a second process, or a second
+  step of ``benchmarks/gpu_suite.sh``, loads them instead of compiling.
 """
 from __future__ import annotations
 
@@ -24,8 +42,9 @@ import os
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -187,3 +206,125 @@ def best(key: str, candidates: dict[str, Callable], make_case: Callable, device:
                 warnings.warn(f"randsac_fast: cannot write the autotune cache {path} ({e}); winners stay in "
                               f"memory only. Point {ENV_CACHE} at a writable file", RuntimeWarning, stacklevel=2)
     return winner
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel tiles: pinned by default, swept on request, one decision per bucket shared by every rank
+# ----------------------------------------------------------------------------------------------
+ENV_TILES = "RANDSAC_FAST_TILES"
+TILE_MODES = ("pinned", "sweep")
+_TILE_PREFIX = "tile | "
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One launch configuration of a tiled kernel."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def as_list(self) -> list[int]:
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages]
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
+
+
+def tiles_mode() -> str:
+    """``pinned`` (default) or ``sweep``, from ``RANDSAC_FAST_TILES`` (see the module docstring)."""
+    value = os.environ.get(ENV_TILES, "pinned").strip().lower() or "pinned"
+    if value not in TILE_MODES:
+        raise ValueError(f"{ENV_TILES}={value!r} is not understood; use pinned (the known-good sm_90 tiles, "
+                         f"the default) or sweep (time every candidate once per key)")
+    return value
+
+
+def length_bucket(n: int) -> int:
+    """The power of two (at least 16) that a sequence length is filed under in a tile key."""
+    return max(16, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def tile_key(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, n_q: int, n_k: int) -> str:
+    """The decision key of a tiled kernel: lengths bucketed, so nearby lengths share one decision."""
+    return _TILE_PREFIX + " | ".join([kernel, device_name(device), _versions(), str(dtype).removeprefix("torch."),
+                                      f"D={head_dim}", f"NQ<={length_bucket(n_q)}", f"NK<={length_bucket(n_k)}"])
+
+
+def fits(tile: Tile, n_q: int, n_k: int) -> bool:
+    """Whether a tile is not larger than the (bucketed) problem: no tile row or column only pads."""
+    return tile.block_m <= length_bucket(n_q) and tile.block_n <= length_bucket(n_k)
+
+
+def pinned_tile(pinned: Sequence[Tile], candidates: Sequence[Tile], n_q: int, n_k: int) -> Tile:
+    """The first pinned tile that fits the bucketed lengths, else the smallest candidate."""
+    for tile in pinned:
+        if fits(tile, n_q, n_k):
+            return tile
+    return min(candidates, key=lambda t: (t.block_m * t.block_n, t.num_warps, t.num_stages))
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shared_decision(key: str, decide: Callable[[], Tile]) -> Tile:
+    """``decide()`` on rank 0 only, its result broadcast to every rank (a no-op without a group).
+
+    Every rank must call this for the same key at the same point (a rank asking for another key
+    is an error, not a silent mismatch of tiles).
+    """
+    rank, world = _world()
+    if world == 1:
+        return decide()
+    import torch.distributed as dist
+    box = [(key, decide().as_list()) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    decided_key, tile = box[0]
+    if decided_key != key:
+        raise RuntimeError(f"{ENV_TILES}=sweep: rank {rank} tunes {key!r} while rank 0 tuned {decided_key!r}; "
+                           f"ranks reached different kernel shapes. Use {ENV_TILES}=pinned, or run the ranks "
+                           f"on equal shapes until every bucket is decided")
+    return Tile(*tile)
+
+
+def choose_tile(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, n_q: int, n_k: int,
+                pinned: Sequence[Tile], candidates: Sequence[Tile], bench: Callable[[Tile], float]) -> Tile:
+    """The tile a kernel launches with (see the module docstring).
+
+    pinned: the known-good tiles, best first; candidates: the tiles a sweep may time (already
+    pruned); bench(tile) -> ms, called only in sweep mode on rank 0, only for a key not decided yet.
+    """
+    if tiles_mode() == "pinned":
+        return pinned_tile(pinned, candidates, n_q, n_k)
+    key = tile_key(kernel, device, dtype, head_dim, n_q, n_k)
+    _load_once()
+    known = _WINNERS.get(key)
+    if known is not None and "tile" in known:
+        return Tile(*known["tile"])
+
+    def decide() -> Tile:
+        fitting = [t for t in candidates if fits(t, n_q, n_k)] or [pinned_tile(pinned, candidates, n_q, n_k)]
+        if len(fitting) == 1:
+            return fitting[0]
+        ms = {}
+        for tile in fitting:
+            try:
+                ms[tile] = bench(tile)
+            except Exception:  # noqa: BLE001 — e.g. out of shared memory on this GPU: not a winner
+                ms[tile] = float("inf")
+        return min(fitting, key=lambda t: ms[t])
+
+    tile = shared_decision(key, decide)
+    _WINNERS[key] = {"tile": tile.as_list(), "kernel": kernel}
+    path = cache_file()
+    if path is not None:
+        try:
+            save(path)
+        except OSError:
+            pass     # best() warns about an unwritable cache; a tile decision stays in memory
+    return tile

@@ -16,9 +16,6 @@ from torch import Tensor
 from ..kernels import triton_skip as kern  # ImportError (-> BackendUnavailable) without triton
 from .targets_triton import check_device
 
-_NUM_WARPS = 8
-
-
 def _pow2(n: int) -> int:
     return kern.triton.next_power_of_2(max(n, 1))
 
@@ -32,7 +29,7 @@ def _skip_op(hidden: list[Tensor], weight: Tensor) -> Tensor:
     if m and ldec:
         grid = (kern.num_blocks(m),)
         kern.skip_fwd_kernel[grid](hidden, weight, out, m, ldec, LENC=lenc, LD=_pow2(ldec), BLOCK=kern.BLOCK,
-                                   num_warps=_NUM_WARPS)
+                                   num_warps=kern.NUM_WARPS)
     return out
 
 
@@ -54,7 +51,7 @@ def _skip_backward_op(grad: Tensor, hidden: list[Tensor], weight: Tensor) -> tup
     partial = torch.zeros(programs, ld, lk, dtype=torch.float32, device=weight.device)
     if m and lenc:
         kern.skip_bwd_kernel[(programs,)](grad, hidden, weight, tuple(d_hidden), partial, m, ldec, n_blocks,
-                                          LENC=lenc, LD=ld, LK=lk, BLOCK=kern.BLOCK, num_warps=_NUM_WARPS)
+                                          LENC=lenc, LD=ld, LK=lk, BLOCK=kern.BLOCK, num_warps=kern.NUM_WARPS)
     d_weight = partial.sum(dim=0)[:ldec, :lenc].to(weight.dtype).contiguous()
     return d_hidden, d_weight
 
