@@ -171,36 +171,44 @@ def test_a_signal_to_the_pid_or_the_group_saves_and_exits_75(tmp_path, sig, to_g
         assert sorted(step_losses(out)) == list(range(1, steps + 1))
 
 
-# ---- torchrun: every process of the job is signalled (Slurm), and torchrun forwards it again ----------
-def test_sigterm_to_every_process_of_a_torchrun_job_saves_and_resume_continues(tmp_path):
+# ---- torchrun: every process of the job is signalled (Slurm), or only the agent (timeout torchrun ...) ---
+@pytest.mark.parametrize("sig, every_process", [
+    (signal.SIGTERM, True),    # Slurm: every process of the step; torchrun forwards its copy again
+    (signal.SIGUSR1, False),   # the agent alone, told to handle USR1: it forwards it to each rank's group
+])
+def test_a_signal_to_a_torchrun_job_stops_every_rank_with_a_checkpoint(tmp_path, sig, every_process):
     steps, out = 12, tmp_path / "run"
     args = [*LOADED, "--batch-size", "40", "--steps", str(steps)]
-    proc = _start(args, 2, out)
+    cmd = _cmd([*args, "--out", str(out)])
+    cmd[3:3] = ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]   # after -m torch.distributed.run
+    proc = subprocess.Popen(cmd, cwd=ROOT_DIR, env=_env(), start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_step(out / "metrics.jsonl", 2, proc)
         ranks = _workers(proc.pid)
         assert len(ranks) == 2
-        # torchrun starts each rank in a session of its own: signal the agent's group and each rank's group
-        # (its loader workers included), as Slurm signals every process of a job step.
-        for pgid in [proc.pid, *ranks]:
-            os.killpg(pgid, signal.SIGTERM)
+        # torchrun starts each rank in a session of its own: the agent's group holds the agent only, each
+        # rank's group holds the rank and its loader workers.
+        for pgid in [proc.pid, *ranks] if every_process else [proc.pid]:
+            os.killpg(pgid, sig)
         _, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    # Each rank announces the signal once (torchrun's forwarded copy falls within the repeat window) ...
+    name = signal.Signals(sig).name
+    # Each rank announces the signal once (a forwarded copy falls within the repeat window) ...
     for rank in (0, 1):
-        assert err.count(f"rank {rank}: SIGTERM received") == 1, err[-3000:]
+        assert err.count(f"rank {rank}: {name} received") == 1, err[-3000:]
     assert "DataLoader worker" not in err and "forcefully exiting" not in err, err[-3000:]
-    step = _stopped(err, "SIGTERM", out, steps)
-    # ... and exits 75; torchrun itself, signalled, re-raises the signal as an exception after its workers
+    step = _stopped(err, name, out, steps)
+    # ... and exits 75; torchrun itself, signalled, re-raises the signal as an exception once its workers
     # are gone: it exits 1 whatever they returned (examples/slurm/ decides on a requeue without it).
     assert proc.returncode == 1 and "SignalException" in err, err[-3000:]
-
-    r = _run([*args, "--out", str(out), "--resume", "latest"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"at step {step}" in r.stderr
-    assert sorted(step_losses(out)) == list(range(1, steps + 1))
+    if every_process:
+        r = _run([*args, "--out", str(out), "--resume", "latest"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"at step {step}" in r.stderr
+        assert sorted(step_losses(out)) == list(range(1, steps + 1))
 
 
 # ---- two torchrun agents ("nodes") on this machine, c10d rendezvous on the loopback ---------------------
