@@ -9,19 +9,27 @@ workers. Tar shards (``shards.py``) resume exactly too, for the same ranks and w
 The DataLoader is built once, over a batch sampler that never ends (epoch after epoch), so its
 workers live for the whole run; batches are prefetched and pinned on CUDA. :class:`BatchStream`
 records how long the training process waited for each batch.
+
+The training process owns shutdown. A scheduler's SIGTERM usually reaches every process of the job
+(``timeout``, Slurm's ``scancel`` and preemption signal the whole process group; torchrun forwards
+to each worker's group), and a DataLoader worker that died of it would take the run down before
+the checkpoint is written. So loader workers ignore :data:`STOP_SIGNALS`; they exit when the
+training process closes the stream, or on their own when it is gone.
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
 
+from ..runtime.preempt import STOP_SIGNALS
 from .images import DataError
 from .transforms import augment_sample, normalize, sample_seed
 
 __all__ = ["AugmentedDataset", "ShardedBatches", "BatchStream", "batch_stream", "collate", "resolve_workers",
-           "auto_workers"]
+           "auto_workers", "STOP_SIGNALS", "IgnoreStopSignals"]
 
 PREFETCH = 4   # batches in flight per worker: slack for steps that take longer (logging, checkpoints)
 
@@ -105,6 +113,35 @@ def resolve_workers(value) -> int:
     return int(text)
 
 
+class IgnoreStopSignals:
+    """A DataLoader ``worker_init_fn``: ignore :data:`STOP_SIGNALS`, then call ``then`` (if any).
+
+    The workers start with these signals blocked (see :func:`_stop_signals_blocked`), so one that
+    arrives while a worker starts cannot kill it: it stays pending until it is ignored here.
+    """
+
+    def __init__(self, then=None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+class _stop_signals_blocked:
+    """Block :data:`STOP_SIGNALS` in this thread while loader workers (and the pinning thread) start:
+    forked workers inherit the mask, and a signal arriving meanwhile is delivered here afterwards."""
+
+    def __enter__(self):
+        self._before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._before)
+
+
 class BatchStream:
     """(images, labels, skipped) forever. ``wait_s`` adds up the time spent waiting for batches.
 
@@ -114,7 +151,8 @@ class BatchStream:
 
     def __init__(self, loader, device=None, norm=None, state=None):
         self.loader, self.device, self.norm, self._state = loader, device, norm, state
-        self._it = iter(loader)
+        with _stop_signals_blocked():
+            self._it = iter(loader)
         self.wait_s = 0.0
 
     def __iter__(self):
@@ -153,8 +191,9 @@ class BatchStream:
 
 
 def batch_stream(dataset: AugmentedDataset, batches: ShardedBatches, start: int, workers, pin_memory: bool,
-                 device=None, norm=None) -> BatchStream:
-    """The run's stream from micro-batch ``start``; ``workers``: a number or ``auto``."""
+                 device=None, norm=None, worker_init_fn=None) -> BatchStream:
+    """The run's stream from micro-batch ``start``; ``workers``: a number or ``auto``. The workers
+    ignore the stop signals (:class:`IgnoreStopSignals`), then run ``worker_init_fn`` if given."""
     workers, state = resolve_workers(workers), None
     if getattr(dataset.source, "sequential", False):          # tar shards: an iterable dataset
         from .shards import ShardDataset
@@ -167,5 +206,6 @@ def batch_stream(dataset: AugmentedDataset, batches: ShardedBatches, start: int,
     loader = torch.utils.data.DataLoader(
         items, **batching, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
         persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else None,
+        worker_init_fn=IgnoreStopSignals(worker_init_fn) if workers else worker_init_fn,
         generator=torch.Generator().manual_seed(batches.seed))
     return BatchStream(loader, device, norm, state)

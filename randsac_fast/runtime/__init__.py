@@ -4,7 +4,7 @@
 - :mod:`.checkpoint` — DCP checkpoints: verified (sizes + sha256), atomic, never of a non-finite
   state, branches when resuming from the past, pruning, exact-resume RNG state;
 - :mod:`.lock` — one run per directory;
-- :mod:`.preempt` — SIGTERM / SIGINT: all ranks finish the step, save, exit with code 75;
+- :mod:`.preempt` — SIGTERM / SIGINT / SIGUSR1: all ranks finish the step, save, exit with code 75;
 - :mod:`.resume_config` — a resume's config against the checkpoint's (shape changes refused);
 - :mod:`.metrics` — metrics.jsonl / TensorBoard logging, FLOP counting and MFU;
 - :mod:`.schedule` — learning-rate scaling, warmup and cosine decay;

@@ -1,6 +1,12 @@
-"""Preemption: SIGTERM (what Slurm and Kubernetes send before a kill) and SIGINT (Ctrl-C) stop a run
-cleanly: every rank finishes the step it is in, the ranks agree to stop after the same step, a
-checkpoint is written, and the process exits with :data:`EXIT_PREEMPTED`.
+"""Preemption: SIGTERM (what Slurm and Kubernetes send before a kill), SIGINT (Ctrl-C) and SIGUSR1
+(Slurm's early warning, ``--signal=USR1@SECONDS``) stop a run cleanly: every rank finishes the step
+it is in, the ranks agree to stop after the same step, a checkpoint is written, and the process
+exits with :data:`EXIT_PREEMPTED`. USR1 stops too rather than saving and going on: the job ends
+within seconds anyway, and torchrun (when told to handle USR1) shuts its workers down with it.
+
+- The training process owns shutdown: DataLoader workers ignore these signals
+  (``data/loader.py``), so a signal sent to the whole process group, or to every process of a job,
+  reaches the workers without killing them, and each process announces it once.
 
 - The handler only records the signal (and writes one line with ``os.write``, which is safe in a
   handler); the decision is taken between steps by :meth:`Preemption.requested`, one all-reduce
@@ -23,10 +29,11 @@ import torch.distributed as dist
 
 from . import collectives
 
-__all__ = ["EXIT_PREEMPTED", "REPEAT_WINDOW_S", "Preempted", "Preemption"]
+__all__ = ["EXIT_PREEMPTED", "REPEAT_WINDOW_S", "STOP_SIGNALS", "Preempted", "Preemption"]
 
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: stopped on request with a checkpoint; run it again to go on
 REPEAT_WINDOW_S = 2.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class Preempted(Exception):
@@ -40,13 +47,13 @@ class Preempted(Exception):
 
 
 class Preemption:
-    """Context manager installing the SIGTERM / SIGINT handlers for the training loop.
+    """Context manager installing the SIGTERM / SIGINT / SIGUSR1 handlers for the training loop.
 
     ``last_good``: a callable naming the last good checkpoint, for the line a second signal prints.
     """
 
     def __init__(self, rank: int = 0, world: int = 1, last_good=lambda: None,
-                 signals=(signal.SIGTERM, signal.SIGINT)):
+                 signals=STOP_SIGNALS):
         self.rank, self.world, self.last_good, self.signals = rank, world, last_good, signals
         self.signum: int | None = None
         self._first = 0.0
