@@ -1,7 +1,8 @@
 """Loader of the compiled CUDA extension ``randsac_fast._C`` (the segment-attention kernels in
 ``csrc/``).
 
-:func:`load` returns, in this order: the prebuilt module (``pip install -e . --no-build-isolation``
+:func:`load` returns, in this order: the kernels built for the CPU emulation when
+``RANDSAC_FAST_CUDA_EMU=1`` (tests, :mod:`randsac_fast.kernels.cuda_emu`); the prebuilt module (``pip install -e . --no-build-isolation``
 on a machine with nvcc and a CUDA build of torch); a JIT build (:func:`build_jit`, via
 ``torch.utils.cpp_extension.load``) when ``RANDSAC_FAST_JIT=1``; otherwise it raises ImportError
 saying how to build it. ``setup.py`` takes the source list and flags from here, so the two builds
@@ -40,6 +41,11 @@ def load():
     """Return the extension module (``forward``, ``backward``); ImportError with the fix if missing."""
     global _module
     if _module is not None:
+        return _module
+    if os.environ.get("RANDSAC_FAST_CUDA_EMU", "0") not in ("", "0"):
+        # Tests without a GPU: the same kernels and binding built for the CPU emulation (cuda_emu).
+        from . import cuda_emu
+        _module = cuda_emu.build_extension()
         return _module
     try:
         from randsac_fast import _C
