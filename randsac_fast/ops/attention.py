@@ -173,9 +173,9 @@ def _fused_reference(q_src, kv_src, bounds: SegmentBounds, num_heads, scale):
 
 
 def _per_head(name: str):
-    """Adapter for a backend with only the per-head API (flex, xformers, cuda — the compiled
-    extension keeps its [B, H, N, D] kernels): head views in, [B, N, H*D] out (autograd then
-    adds the per-part gradient copies the native fused paths avoid)."""
+    """Adapter for a backend with only the per-head API (flex, xformers): head views in,
+    [B, N, H*D] out (autograd then adds the per-part gradient copies the native fused paths
+    (triton, cuda) avoid)."""
     def run(q_src, kv_src, bounds: SegmentBounds, num_heads, scale):
         q, k, v = _qkv_views(q_src, kv_src, num_heads)
         fn = _TABLE[name]()
@@ -190,7 +190,7 @@ _FUSED_TABLE = {
     "flex": _per_head("flex"),
     "xformers": _per_head("xformers"),
     "triton": lazy("ops.attention_triton", "fused_attention_triton"),
-    "cuda": _per_head("cuda"),
+    "cuda": lazy("ops.attention_cuda", "fused_attention_cuda"),
 }
 
 
