@@ -9,7 +9,7 @@ whole kernel): HMMA (tensor-core mma), LDSM (ldmatrix), LDGSTS (cp.async), LDS /
 shared-memory loads / stores), LDG / STG (global), SHFL.
 
     python csrc/compile_figures.py                       # the kernels in csrc/
-    python csrc/compile_figures.py --src csrc/legacy     # another set of kernel sources
+    python csrc/compile_figures.py --src DIR             # another set of kernel sources (an older csrc/)
     python csrc/compile_figures.py --json figures.json   # also write the rows as JSON
 
 Prints a Markdown table. NVCC / CUOBJDUMP / CXXFILT override the tools.
