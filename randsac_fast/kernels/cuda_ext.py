@@ -16,7 +16,7 @@ from pathlib import Path
 #: The sources live next to the package in a source checkout (editable installs, JIT builds).
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
-#: Compiler flags of both builds. The kernels need sm_80+ (bf16 wmma).
+#: Compiler flags of both builds. The kernels need sm_80+ (bf16 mma.sync, cp.async).
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 CXX_FLAGS = ["-O3"]
 DEFAULT_ARCH_LIST = "8.0;9.0"
