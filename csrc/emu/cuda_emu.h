@@ -61,8 +61,9 @@ struct ThreadCtx {
   void* runtime;  // the execution context (emu_runtime.cpp)
 };
 
-// The thread now running on this OS thread (a fiber switch updates it).
-extern thread_local ThreadCtx* t_current;
+// The thread now running on this OS thread (a fiber switch updates it). A call, not the
+// thread_local itself: the kernels' TUs then never cache its address across a fiber switch.
+ThreadCtx* current();
 
 const uint3& block_idx();
 const dim3& block_dim();
@@ -96,7 +97,7 @@ void launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_byte
 
 }  // namespace segemu
 
-#define threadIdx (::segemu::t_current->thread_idx)
+#define threadIdx (::segemu::current()->thread_idx)
 #define blockIdx (::segemu::block_idx())
 #define blockDim (::segemu::block_dim())
 #define gridDim (::segemu::grid_dim())
@@ -123,22 +124,22 @@ T shfl_from(unsigned mask, T var, int src, bool own) {
 
 template <typename T>
 T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32) {
-  const int lane = ::segemu::t_current->lane;
+  const int lane = ::segemu::current()->lane;
   return ::segemu::shfl_from(mask, var, (lane / width) * width + (src_lane % width), false);
 }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
-  const int lane = ::segemu::t_current->lane, src = lane ^ lane_mask;
+  const int lane = ::segemu::current()->lane, src = lane ^ lane_mask;
   return ::segemu::shfl_from(mask, var, src, src / width != lane / width || src >= 32);
 }
 template <typename T>
 T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
-  const int lane = ::segemu::t_current->lane;
+  const int lane = ::segemu::current()->lane;
   return ::segemu::shfl_from(mask, var, lane + (int)delta, (lane % width) + (int)delta >= width);
 }
 template <typename T>
 T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32) {
-  const int lane = ::segemu::t_current->lane;
+  const int lane = ::segemu::current()->lane;
   return ::segemu::shfl_from(mask, var, lane - (int)delta, (lane % width) < (int)delta);
 }
 

@@ -4,6 +4,10 @@
 #include "cuda_emu.h"
 #include "ptx_emu.h"
 
+namespace segemu {
+extern thread_local ThreadCtx* t_current;
+}
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +37,8 @@
 namespace segemu {
 
 thread_local ThreadCtx* t_current = nullptr;
+
+ThreadCtx* current() { return t_current; }
 
 namespace {
 

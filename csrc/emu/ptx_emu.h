@@ -10,6 +10,8 @@
 // fp16 / bf16 / fp32) and the 16 bytes land only at the cp_async_wait that covers their group, so
 // a missing wait (or a missing __syncthreads after it) reads NaN.
 #pragma once
+#ifndef SEGATTN_EMU_PTX_EMU_H  // also a guard: a test includes a modified copy first
+#define SEGATTN_EMU_PTX_EMU_H
 
 #include <stdint.h>
 #include <string.h>
@@ -67,7 +69,7 @@ inline void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t
   memcpy(mine.b, b, sizeof mine.b);
   const unsigned char* slots = ::segemu::warp_exchange(&mine, sizeof mine, 0xffffffffu);
   auto ops = [&](int lane) { return reinterpret_cast<const Operands*>(slots + lane * ::segemu::kSlotBytes); };
-  const int lane = ::segemu::t_current->lane, g = lane / 4, t = lane % 4;
+  const int lane = ::segemu::current()->lane, g = lane / 4, t = lane % 4;
   float arow[2][16], bcol[2][16];  // this lane's rows g, g + 8 of A and columns 2t, 2t + 1 of B
   for (int k = 0; k < 16; ++k) {
     const int src = (k % 8) / 2, reg_k = k >= 8 ? 2 : 0;
@@ -108,3 +110,5 @@ inline void cp_async_wait() {
 
 }  // namespace ptx
 }  // namespace segattn
+
+#endif  // SEGATTN_EMU_PTX_EMU_H

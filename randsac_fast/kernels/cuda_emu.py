@@ -112,40 +112,47 @@ def _header_files(csrc: Path) -> list[Path]:
         [p for p in EMU.rglob("*") if p.suffix in (".h", ".cpp")]
 
 
+def _compile(cxx: str, src: Path, flags: list[str], headers: list[Path]) -> Path:
+    """One translation unit -> its cached object file (a kernel file with the emulation header
+    force-included)."""
+    lang = ["-include", str(EMU / "cuda_emu.h"), "-x", "c++"] if src.suffix == ".cu" else []
+    cmd = [cxx, *flags, *lang, "-c"]
+    obj_dir = cache_dir() / "objects"
+    obj_dir.mkdir(exist_ok=True)
+    obj = obj_dir / f"{src.stem}-{_digest([src, *headers], cmd)}.o"
+    if not obj.is_file():
+        tmp = obj.with_suffix(f".{os.getpid()}.tmp")
+        res = subprocess.run([*cmd, str(src), "-o", str(tmp)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"emulated build of {src} failed:\n{res.stdout}{res.stderr}")
+        tmp.replace(obj)
+    return obj
+
+
 def build_program(main: Path = EMU / "driver.cpp", *, csrc: Path = CSRC, sanitize: str | None = None,
-                  extra_sources: tuple = (), opt: str = "-O2", kernels: list[Path] | None = None) -> Path:
+                  opt: str = "-O2", kernels: list[Path] | None = None) -> Path:
     """Compile the kernels (``kernels``, default every ``csrc/*.cu``) + the emulation runtime + ``main``
-    into a program; returns its path (cached). ``sanitize``: None, "address" (ASan + UBSan) or
-    "thread" (TSan; the program then runs every CUDA thread as an OS thread)."""
+    into a program; returns its path. ``sanitize``: None, "address" (ASan + UBSan) or "thread" (TSan;
+    the program then runs every CUDA thread as an OS thread). Objects are cached one by one, so a
+    build that changes one kernel file recompiles only that file."""
+    from concurrent.futures import ThreadPoolExecutor
+
     csrc = Path(csrc)
     kernels = kernel_sources(csrc) if kernels is None else [Path(k) for k in kernels]
     flags = compile_flags(csrc, opt) + SANITIZERS[sanitize]
     cxx = _cxx()
-    units = [*kernels, EMU / "emu_runtime.cpp", Path(main), *map(Path, extra_sources)]
-    key = _digest(units + _header_files(csrc), flags + [cxx, str(sanitize)])
-    out_dir = cache_dir() / f"{Path(main).stem}-{sanitize or 'plain'}-{key}"
-    exe = out_dir / "program"
-    if exe.is_file():
-        return exe
-    out_dir.mkdir(parents=True, exist_ok=True)
-    procs, objs = [], []
-    for i, src in enumerate(units):  # one compiler per translation unit, in parallel
-        obj = out_dir / f"{i}-{src.stem}.o"
-        lang = ["-include", str(EMU / "cuda_emu.h"), "-x", "c++"] if src.suffix == ".cu" else []
-        cmd = [cxx, *flags, *lang, "-c", str(src), "-o", str(obj)]
-        procs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), src))
-        objs.append(str(obj))
-    errors = []
-    for p, src in procs:
-        out, _ = p.communicate()
-        if p.returncode != 0:
-            errors.append(f"{src}:\n{out}")
-    if errors:
-        raise RuntimeError("emulated build failed:\n" + "\n".join(errors))
-    tmp = out_dir / "program.tmp"
-    subprocess.run([cxx, *SANITIZERS[sanitize], *objs, "-o", str(tmp), "-lpthread"], check=True,
-                   capture_output=True, text=True)
-    tmp.rename(exe)
+    headers = _header_files(csrc)
+    units = [*kernels, EMU / "emu_runtime.cpp", Path(main)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        objs = list(pool.map(lambda src: _compile(cxx, src, flags, headers), units))
+    exe_dir = cache_dir() / "programs"
+    exe_dir.mkdir(exist_ok=True)
+    exe = exe_dir / f"{Path(main).stem}-{sanitize or 'plain'}-{_digest(objs, [cxx])}"
+    if not exe.is_file():
+        tmp = exe.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([cxx, *SANITIZERS[sanitize], *map(str, objs), "-o", str(tmp), "-lpthread"], check=True,
+                       capture_output=True, text=True)
+        tmp.replace(exe)
     return exe
 
 
@@ -154,15 +161,16 @@ _extension = None
 
 def build_extension(verbose: bool = False):
     """The torch binding over the emulated kernels, as a Python module (``forward``, ``backward``, ...,
-    ``EMULATED = True``) taking CPU tensors. Compiled once (cached by torch in ``cache_dir()``)."""
+    ``EMULATED = True``) taking CPU tensors. Compiled on first use (ninja keeps it up to date in ``cache_dir()``)."""
     global _extension
     if _extension is not None:
         return _extension
     from torch.utils import cpp_extension
 
     flags = compile_flags()
-    key = _digest(kernel_sources() + [CSRC / "binding.cpp"] + _header_files(CSRC), flags)
-    build_dir = cache_dir() / f"torch-ext-{key}"
+    # One build directory and module name: ninja then recompiles only what changed (the binding
+    # against torch's headers is the slow part).
+    build_dir = cache_dir() / "torch-ext"
     build_dir.mkdir(parents=True, exist_ok=True)
     # torch builds *.cu with nvcc: each kernel file goes in as a C++ unit that includes it unchanged
     # after the emulation header (what -include does for build_program).
@@ -175,6 +183,6 @@ def build_extension(verbose: bool = False):
         wrappers.append(str(w))
     os.environ.setdefault("MAX_JOBS", "2")
     _extension = cpp_extension.load(
-        name=f"randsac_fast_C_emu_{key}", sources=wrappers + [str(EMU / "emu_runtime.cpp"), str(CSRC / "binding.cpp")],
+        name="randsac_fast_C_emu", sources=wrappers + [str(EMU / "emu_runtime.cpp"), str(CSRC / "binding.cpp")],
         extra_cflags=flags[1:], build_directory=str(build_dir), verbose=verbose)
     return _extension

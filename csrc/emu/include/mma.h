@@ -43,7 +43,7 @@ struct fragment<accumulator, 16, 16, 16, float, void> {
 };
 
 namespace detail {
-inline int lane() { return ::segemu::t_current->lane; }
+inline int lane() { return ::segemu::current()->lane; }
 template <typename T>
 inline void check(const T* p, unsigned ldm, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
