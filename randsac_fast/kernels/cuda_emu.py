@@ -88,7 +88,7 @@ def kernel_sources(csrc: Path = CSRC) -> list[Path]:
 def compile_flags(csrc: Path = CSRC, opt: str = "-O2") -> list[str]:
     """Flags of every emulated translation unit (kernels, runtime, binding, programs)."""
     csrc = Path(csrc)
-    return ["-std=c++17", opt, "-g", "-DSEGATTN_EMU", *TORCH_CUDA_DEFINES, f"-I{EMU / 'include'}", f"-I{csrc}",
+    return ["-std=c++17", opt, "-g", "-DSEGATTN_EMU", *TORCH_CUDA_DEFINES, f"-I{csrc}",
             f"-I{EMU}", f"-I{cuda_include_dir()}"]
 
 

@@ -2,8 +2,8 @@
 ``csrc/``).
 
 :func:`load` returns, in this order: the kernels built for the CPU emulation when
-``RANDSAC_FAST_CUDA_EMU=1`` (tests, :mod:`randsac_fast.kernels.cuda_emu`); the prebuilt module (``pip install -e . --no-build-isolation``
-on a machine with nvcc and a CUDA build of torch); a JIT build (:func:`build_jit`, via
+``RANDSAC_FAST_CUDA_EMU=1`` (tests, :mod:`randsac_fast.kernels.cuda_emu`); the prebuilt module
+(``pip install -e . --no-build-isolation`` on a machine with nvcc and a CUDA build of torch); a JIT build (:func:`build_jit`, via
 ``torch.utils.cpp_extension.load``) when ``RANDSAC_FAST_JIT=1``; otherwise it raises ImportError
 saying how to build it. ``setup.py`` takes the source list and flags from here, so the two builds
 cannot drift apart.
