@@ -1,5 +1,8 @@
-// Segment attention forward: one block per (query tile of 64 rows, head, batch); FlashAttention-2
-// schedule with an online softmax, tensor cores through wmma.
+// Segment attention forward, FlashAttention-2 schedule: one block per (64-row query tile, head,
+// batch); each of the 4 warps owns 16 query rows and keeps them in registers all the way through:
+// Q fragments, the scores S = Q K^T, the online softmax, the output accumulator O += P V.
+// K / V tiles stream through shared memory with cp.async, double-buffered: tile j + 1 is in
+// flight while tile j is multiplied.
 //
 // out[i] = sum_j softmax_j(scale * q_i . k_j) v_j over the visible keys j < kv_len(i); rows that
 // see no key get out = 0 and lse = +inf (so the backward's exp(s - lse) is 0 for them).
@@ -7,34 +10,23 @@
 
 namespace segattn {
 
-// Shared-memory layout of the forward (byte offsets). BN: keys per tile.
+// Shared memory of the forward: Q [64][D + 8], then K [2][BN][D + 8] and V [2][BN][D + 8].
 template <int D, int BN>
 struct FwdSmem {
-  static constexpr int ldh = D + kPadHalf;   // q, k, v rows (16-bit)
-  static constexpr int lds = BN + kPadFloat; // scores (fp32)
-  static constexpr int ldp = BN + kPadHalf;  // probabilities (16-bit)
-  static constexpr int ldo = D + kPadFloat;  // output accumulator (fp32)
+  static constexpr int ld = D + kPad;
   static constexpr int q = 0;
-  static constexpr int k = q + align128(kBlockRows * ldh * 2);
-  static constexpr int v = k + align128(BN * ldh * 2);
-  static constexpr int s = v + align128(BN * ldh * 2);
-  static constexpr int p = s + align128(kBlockRows * lds * 4);
-  static constexpr int o = p + align128(kBlockRows * ldp * 2);
-  static constexpr int kv = o + align128(kBlockRows * ldo * 4);
-  static constexpr int bytes = kv + align128(kBlockRows * 4);
+  static constexpr int k = q + kBlockRows * ld * 2;
+  static constexpr int v = k + 2 * BN * ld * 2;
+  static constexpr int bytes = v + 2 * BN * ld * 2;
 };
 
 template <typename T, int D, int BN>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(SegAttnParams p, VecFlags vec) {
+__global__ void __launch_bounds__(kThreads, 2) fwd_kernel(SegAttnParams p, VecFlags vec) {
   using L = FwdSmem<D, BN>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  SEGATTN_DYNAMIC_SMEM(unsigned char, smem);
   T* s_q = reinterpret_cast<T*>(smem + L::q);
-  T* s_k = reinterpret_cast<T*>(smem + L::k);
+  T* s_k = reinterpret_cast<T*>(smem + L::k);  // buffer i at s_k + i * BN * ld
   T* s_v = reinterpret_cast<T*>(smem + L::v);
-  float* s_s = reinterpret_cast<float*>(smem + L::s);
-  T* s_p = reinterpret_cast<T*>(smem + L::p);
-  float* s_o = reinterpret_cast<float*>(smem + L::o);
-  int* s_kv = reinterpret_cast<int*>(smem + L::kv);
 
   const int m0 = blockIdx.x * kBlockRows, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -45,76 +37,111 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(SegAttnParams p, VecFlags
   const int32_t* seg_k = p.seg_k + (int64_t)b * p.nk;
   const bool inclusive = p.inclusive != 0;
 
-  // Per-row length of the visible key prefix; rows past nq see nothing.
-  for (int r = threadIdx.x; r < kBlockRows; r += blockDim.x)
-    s_kv[r] = m0 + r < p.nq ? kv_len(seg_k, p.nk, seg_q[m0 + r], inclusive) : 0;
-  load_rows<T, D>(s_q, L::ldh, q, p.q_stride[2], m0, kBlockRows, p.nq, vec.q);
-  for (int i = threadIdx.x; i < kBlockRows * L::ldo; i += blockDim.x) s_o[i] = 0.f;
-  __syncthreads();
-
-  // Each lane pair owns one row of its warp's 16: lane 2r and 2r+1 split the columns.
-  const int row = warp * kWarpRows + lane / 2, half = lane % 2;
-  float* s_row = s_s + row * L::lds;
-  T* p_row = s_p + row * L::ldp;
-  float* o_row = s_o + row * L::ldo;
-  const float scale_log2 = p.scale * kLog2e;
-  float m_run = neg_inf(), l_run = 0.f;  // running max (log2 units) and sum of exp2
-
   // The segment logic is all in the loop bounds: keys past loop.end are invisible to the whole
-  // tile, key tiles below loop.unmasked_end are visible to every row, only the rest are masked.
+  // tile (never loaded), key tiles below loop.unmasked_end are visible to every row (no mask),
+  // only the rest are masked per row.
   const KeyLoop loop = key_loop(seg_q, p.nq, seg_k, p.nk, inclusive, m0, kBlockRows, BN);
-  for (int n0 = 0; n0 < loop.end; n0 += BN) {
-    __syncthreads();  // every warp is done with the previous K/V tile
-    // Keys past loop.end (<= nk) are hidden from the whole tile: they load as 0, because they
-    // may be padding holding NaN / Inf, and a masked P of 0 times a NaN V would still be NaN.
-    load_rows<T, D>(s_k, L::ldh, k, p.k_stride[2], n0, BN, loop.end, vec.k);
-    load_rows<T, D>(s_v, L::ldh, v, p.v_stride[2], n0, BN, loop.end, vec.v);
-    __syncthreads();
+  const int n_tiles = (loop.end + BN - 1) / BN;
+  auto load_kv = [&](int tile) {
+    constexpr int tile_elems = BN * L::ld;
+    load_tile<T, BN, D>(s_k + (tile % 2) * tile_elems, k, p.k_stride[2], tile * BN, loop.end, vec.k);
+    load_tile<T, BN, D>(s_v + (tile % 2) * tile_elems, v, p.v_stride[2], tile * BN, loop.end, vec.v);
+  };
+  if (n_tiles > 0) {
+    load_tile<T, kBlockRows, D>(s_q, q, p.q_stride[2], m0, p.nq, vec.q);
+    load_kv(0);
+    ptx::cp_async_commit();
+  }
 
-    warp_gemm_abt<T, BN, D>(s_s + warp * kWarpRows * L::lds, L::lds, s_q + warp * kWarpRows * L::ldh, L::ldh,
-                            s_k, L::ldh);
-    __syncwarp();
+  // Lane (g, t) owns rows g and g + 8 of its warp's 16: row r of the lane is row0 + 8 r.
+  const int row0 = m0 + warp * kWarpRows + lane / 4;
+  int kv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    kv[r] = row0 + 8 * r < p.nq ? kv_len(seg_k, p.nk, seg_q[row0 + 8 * r], inclusive) : 0;
+  const int col0 = 2 * (lane % 4);  // the lane's first column in each 8-column fragment
 
-    // Online softmax of this row over the tile.
+  const float scale_log2 = p.scale * kLog2e;
+  float acc[D / 8][4];
+  zero(acc);
+  float m_run[2] = {-INFINITY, -INFINITY};  // running row max of the scores, log2 units
+  float l_run[2] = {0.f, 0.f};              // this lane's part of the running row sum of exp2
+  uint32_t qf[D / 16][4];
+  T* s_q_warp = s_q + warp * kWarpRows * L::ld;
+
+  for (int j = 0; j < n_tiles; ++j) {
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // tile j has landed for all threads, and every warp is done with tile j - 1
+    if (j == 0) load_a_frags<D>(qf, s_q_warp, lane);
+    if (j + 1 < n_tiles) load_kv(j + 1);  // into the buffer tile j - 1 used
+    ptx::cp_async_commit();
+
+    float s[BN / 8][4];
+    zero(s);
+    gemm_abt<T, BN, D>(s, qf, s_k + (j % 2) * BN * L::ld, lane);
+
+    // Scale to log2 units; on a boundary tile hide the columns at or past each row's kv_len.
+    const int n0 = j * BN;
     const bool masked = n0 >= loop.unmasked_end;
-    const int visible_end = s_kv[row] - n0;  // columns c < visible_end are visible
-    float tile_max = neg_inf();
-    for (int c = half; c < BN; c += 2) {
-      const float x = masked && c >= visible_end ? neg_inf() : s_row[c] * scale_log2;
-      s_row[c] = x;
-      tile_max = fmaxf(tile_max, x);
-    }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    const float m_new = fmaxf(m_run, tile_max);
-    const float m_use = m_new == neg_inf() ? 0.f : m_new;  // a row with nothing seen yet stays at 0
-    const float alpha = exp2f(m_run - m_use);
-    float tile_sum = 0.f;
-    for (int c = half; c < BN; c += 2) {
-      const float e = exp2f(s_row[c] - m_use);
-      p_row[c] = from_float<T>(e);
-      tile_sum += e;
-    }
-    tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 1);
-    l_run = l_run * alpha + tile_sum;
-    m_run = m_new;
-    for (int c = half; c < D; c += 2) o_row[c] *= alpha;
-    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < BN / 8; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float x = s[c][e] * scale_log2;
+        s[c][e] = masked && n0 + 8 * c + col0 + (e & 1) >= kv[e / 2] ? -INFINITY : x;
+      }
 
-    warp_gemm_ab_smem<T, D, BN>(s_o + warp * kWarpRows * L::ldo, L::ldo, s_p + warp * kWarpRows * L::ldp,
-                                L::ldp, s_v, L::ldh);
-  }
-  __syncwarp();
+    // Online softmax: row max over the quad's 4 lanes, rescale what has been summed so far.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m_run[r];
+#pragma unroll
+      for (int c = 0; c < BN / 8; ++c) mx = fmaxf(mx, fmaxf(s[c][2 * r], s[c][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = mx == -INFINITY ? 0.f : mx;  // a row with nothing seen yet stays at 0
+      const float alpha = exp2f(m_run[r] - m_use);
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < BN / 8; ++c) {
+        s[c][2 * r] = exp2f(s[c][2 * r] - m_use);
+        s[c][2 * r + 1] = exp2f(s[c][2 * r + 1] - m_use);
+        sum += s[c][2 * r] + s[c][2 * r + 1];
+      }
+      l_run[r] = l_run[r] * alpha + sum;
+      m_run[r] = mx;
+#pragma unroll
+      for (int c = 0; c < D / 8; ++c) {
+        acc[c][2 * r] *= alpha;
+        acc[c][2 * r + 1] *= alpha;
+      }
+    }
 
-  // Epilogue: normalise, write lse (natural log) and the output.
-  const float inv = l_run > 0.f ? 1.f / l_run : 0.f;
-  for (int c = half; c < D; c += 2) o_row[c] *= inv;
-  if (half == 0 && m0 + row < p.nq) {
-    const int64_t at = ((int64_t)b * p.heads + h) * p.nq + m0 + row;
-    p.lse[at] = l_run > 0.f ? (m_run + log2f(l_run)) * kLn2 : INFINITY;
+    gemm_pb<T, D, BN>(acc, s, s_v + (j % 2) * BN * L::ld, lane);  // O += P V
   }
-  __syncthreads();
-  store_rows<T, D>(head_ptr<T>(p.out, p.out_stride, b, h), p.out_stride[2], m0, kBlockRows, p.nq, s_o, L::ldo,
-                   1.f);
+
+  // Epilogue: the row sums over the quad, normalise, write lse (natural log) and the output.
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    const int row = row0 + 8 * r;
+    if (lane % 4 == 0 && row < p.nq)
+      p.lse[((int64_t)b * p.heads + h) * p.nq + row] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : INFINITY;
+  }
+#pragma unroll
+  for (int c = 0; c < D / 8; ++c) {
+    acc[c][0] *= inv[0];
+    acc[c][1] *= inv[0];
+    acc[c][2] *= inv[1];
+    acc[c][3] *= inv[1];
+  }
+  // The warp's Q rows in shared memory are free (Q lives in registers since tile 0).
+  store_warp_rows<T, D>(head_ptr<T>(p.out, p.out_stride, b, h), p.out_stride[2], m0 + warp * kWarpRows, p.nq, acc,
+                        1.f, s_q_warp, vec.out, lane);
 }
 
 template <typename T, int D, int BN>
@@ -125,10 +152,10 @@ const char* forward_impl(const SegAttnParams& p, cudaStream_t stream) {
 
 template <typename T>
 const char* forward_dtype(const SegAttnParams& p, cudaStream_t stream) {
-  switch (p.head_dim) {
+  switch (p.head_dim) {  // <T, D, keys per tile>
     case 32: return forward_impl<T, 32, 64>(p, stream);
     case 64: return forward_impl<T, 64, 64>(p, stream);
-    case 128: return forward_impl<T, 128, 32>(p, stream);  // smaller key tiles keep smem under ~90 KiB
+    case 128: return forward_impl<T, 128, 64>(p, stream);
     default: return "segattn_forward: head_dim must be 32, 64 or 128";
   }
 }

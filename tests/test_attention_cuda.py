@@ -151,7 +151,8 @@ _STUB_SCRIPT = textwrap.dedent("""
     import sys, types, torch
     def forward(q, k, v, seg_q, seg_k, inclusive, scale, stream):
         raise AssertionError("the extension must not be reached")
-    sys.modules["randsac_fast._C"] = types.SimpleNamespace(forward=forward, backward=forward)
+    sys.modules["randsac_fast._C"] = types.SimpleNamespace(forward=forward, backward=forward, forward_fused=forward,
+                                                            backward_fused=forward)
     from randsac_fast import ops
     from randsac_fast.ops import attention_cuda as ac
 
@@ -178,6 +179,31 @@ _STUB_SCRIPT = textwrap.dedent("""
     assert not lse.requires_grad and out.requires_grad
     dq, dk = torch.autograd.grad(out.sum(), (q, k))
     assert dq.shape == q.shape and dk.shape == k.shape
+
+    # The fused layouts: the head dim is the packed width / parts / heads, checked before any launch.
+    for exc, text, x in ((TypeError, "fp16 or bf16; got torch.float32", torch.zeros(1, 4, 3 * 2 * 64)),
+                         (ValueError, "got 48", torch.zeros(1, 4, 3 * 2 * 48, dtype=torch.float16)),
+                         (ops.BackendUnavailable, "got cpu", torch.zeros(1, 4, 3 * 2 * 64, dtype=torch.float16))):
+        try:
+            ac.fused_attention_cuda(x, None, None, 2, 0.125)
+        except exc as e:
+            assert text in str(e), str(e)
+        else:
+            raise AssertionError(f"no {exc.__name__} for fused {x.dtype} {tuple(x.shape)}")
+    assert ops.attention._FUSED_TABLE["cuda"]() is ac.fused_attention_cuda  # no per-head adapter
+
+    # Fused ops: the output is [B, Nq, H*D]; gradients come back in the projections' own layouts.
+    qkv = torch.empty(2, 9, 3 * 3 * 64, dtype=torch.float16, device="meta", requires_grad=True)
+    out, lse = torch.ops.randsac_fast.segment_attn_cuda_fused_fwd(qkv, None, sk, sk, 3, True, 0.125)
+    assert out.shape == (2, 9, 3 * 64) and lse.shape == (2, 3, 9) and lse.dtype == torch.float32
+    (dqkv,) = torch.autograd.grad(out.sum(), (qkv,))
+    assert dqkv.shape == qkv.shape and dqkv.dtype == qkv.dtype
+    qx = torch.empty(2, 5, 2 * 32, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    kv = torch.empty(2, 9, 2 * 2 * 32, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    out, lse = torch.ops.randsac_fast.segment_attn_cuda_fused_fwd(qx, kv, sq, sk, 2, False, 0.125)
+    assert out.shape == (2, 5, 2 * 32) and lse.shape == (2, 2, 5)
+    dqx, dkv = torch.autograd.grad(out.sum(), (qx, kv))
+    assert dqx.shape == qx.shape and dkv.shape == kv.shape
     print("ok")
 """)
 
@@ -269,6 +295,37 @@ def test_cuda_strided_inputs_head_dim_32(dtype, offset):
     ref64, plain, fast = run("plain", torch.float64), run("plain", dtype), run("cuda", dtype)
     for name, f, p, r in zip(("out", "dqkv"), fast, plain, ref64):
         assert_close_by_rule(f, p, r, factor=3.0, floor=1e-5, what=f"{name} (strided, offset {offset})")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("which", ["self", "cross"])
+def test_cuda_fused_layouts(which, dtype):
+    """The models' fused projections, read and written in place by strides: output and the
+    projections' gradients against the float64 reference (the rule), blind rows exactly 0."""
+    seg_q, seg_k = _segs("blob-padded" if which == "self" else "hier-shifted", torch.Generator().manual_seed(9))
+    if which == "self":
+        seg_q = seg_k
+    bounds = ops.segment_bounds(seg_q.cuda(), seg_k.cuda(), inclusive=which == "self")
+    b, nq, nk, h, d = seg_q.shape[0], seg_q.shape[1], seg_k.shape[1], 2, 64
+    gen = torch.Generator().manual_seed(10)
+    srcs = ([torch.randn(b, nq, 3 * h * d, generator=gen, dtype=torch.float64)] if which == "self" else
+            [torch.randn(b, nq, h * d, generator=gen, dtype=torch.float64),
+             torch.randn(b, nk, 2 * h * d, generator=gen, dtype=torch.float64)])
+    do = torch.randn(b, nq, h * d, generator=gen, dtype=torch.float64).to(dtype).cuda()
+    fn = ops.segment_attention_qkv if which == "self" else ops.segment_attention_cross
+
+    def run(backend, dt):
+        xs = [x.to(dtype).to(dt).cuda().requires_grad_() for x in srcs]   # same rounded values everywhere
+        out = fn(*xs, bounds, h, backend=backend)
+        return (out.detach(), *torch.autograd.grad(out, xs, do.to(dt)))
+
+    ref64, plain, fast = run("reference", torch.float64), run("reference", dtype), run("cuda", dtype)
+    for name, f, p, r in zip(("out", "d_q_src", "d_kv_src"), fast, plain, ref64):
+        assert f.dtype == dtype and f.shape == r.shape
+        assert_close_by_rule(f, p, r, factor=3.0, floor=1e-5, what=f"{name} ({which})")
+    blind = bounds.kv_len == 0
+    assert (fast[0][blind] == 0).all()
 
 
 @needs_cuda

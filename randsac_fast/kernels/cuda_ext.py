@@ -1,8 +1,9 @@
 """Loader of the compiled CUDA extension ``randsac_fast._C`` (the segment-attention kernels in
 ``csrc/``).
 
-:func:`load` returns, in this order: the prebuilt module (``pip install -e . --no-build-isolation``
-on a machine with nvcc and a CUDA build of torch); a JIT build (:func:`build_jit`, via
+:func:`load` returns, in this order: the kernels built for the CPU emulation when
+``RANDSAC_FAST_CUDA_EMU=1`` (tests, :mod:`randsac_fast.kernels.cuda_emu`); the prebuilt module
+(``pip install -e . --no-build-isolation`` on a machine with nvcc and a CUDA build of torch); a JIT build (:func:`build_jit`, via
 ``torch.utils.cpp_extension.load``) when ``RANDSAC_FAST_JIT=1``; otherwise it raises ImportError
 saying how to build it. ``setup.py`` takes the source list and flags from here, so the two builds
 cannot drift apart.
@@ -15,7 +16,7 @@ from pathlib import Path
 #: The sources live next to the package in a source checkout (editable installs, JIT builds).
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
-#: Compiler flags of both builds. The kernels need sm_80+ (bf16 wmma).
+#: Compiler flags of both builds. The kernels need sm_80+ (bf16 mma.sync, cp.async).
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 CXX_FLAGS = ["-O3"]
 DEFAULT_ARCH_LIST = "8.0;9.0"
@@ -40,6 +41,11 @@ def load():
     """Return the extension module (``forward``, ``backward``); ImportError with the fix if missing."""
     global _module
     if _module is not None:
+        return _module
+    if os.environ.get("RANDSAC_FAST_CUDA_EMU", "0") not in ("", "0"):
+        # Tests without a GPU: the same kernels and binding built for the CPU emulation (cuda_emu).
+        from . import cuda_emu
+        _module = cuda_emu.build_extension()
         return _module
     try:
         from randsac_fast import _C

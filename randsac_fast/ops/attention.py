@@ -178,9 +178,9 @@ def _fused_reference(q_src, kv_src, bounds: SegmentBounds, num_heads, scale):
 
 
 def _per_head(name: str):
-    """Adapter for a backend with only the per-head API (flex, xformers, cuda — the compiled
-    extension keeps its [B, H, N, D] kernels): head views in, [B, N, H*D] out (autograd then
-    adds the per-part gradient copies the native fused paths avoid).
+    """Adapter for a backend with only the per-head API (flex, xformers): head views in,
+    [B, N, H*D] out (autograd then adds the per-part gradient copies the native fused paths
+    (triton, cuda) avoid).
 
     Padded query rows give exactly 0 and zero gradient, as on the native fused paths: the
     mask-built backends (flex, xformers) see them with seg id -1 (no key visible); the cuda kernels
@@ -210,7 +210,7 @@ _FUSED_TABLE = {
     "flex": _per_head("flex"),
     "xformers": _per_head("xformers"),
     "triton": lazy("ops.attention_triton", "fused_attention_triton"),
-    "cuda": _per_head("cuda"),
+    "cuda": lazy("ops.attention_cuda", "fused_attention_cuda"),
 }
 # What the models call: verified and timed like the per-head op (structure: head dim, heads, self /
 # cross, inclusive, causal; timing keyed on (B, Nq, Nk)).
