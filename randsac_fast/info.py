@@ -224,16 +224,40 @@ def report(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _writable_out(path: str, force: bool) -> bool:
+    """--out names a file info may write (see runtime.outputs); else one error line and False."""
+    from . import config as config_mod
+    from .runtime.outputs import claim_file
+    try:
+        config_mod.check_args(argparse.Namespace(out=path), {"out": config_mod.writable_file(True)})
+        claim_file(path, "info", force=force)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv=None) -> int:
+    from . import started
+    started()                # Ctrl-C is this command's to handle from here
     p = argparse.ArgumentParser(prog="python -m randsac_fast.info", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object with every field")
     p.add_argument("--quick", action="store_true", help="one dtype and structure per op (a rehearsal of the report)")
     p.add_argument("--out", default=None, help="also write the JSON to this file (the report still prints)")
+    p.add_argument("--force", action="store_true", help="replace an --out file another command (or you) wrote")
     args = p.parse_args(argv)
+    if args.out and not _writable_out(args.out, args.force):   # checked before the (slow) checks run
+        return 1
     info = collect(args.quick)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(info, indent=1))
+        from .runtime.outputs import OutputError, atomic_text
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_text(args.out, json.dumps(info, indent=1), "info")
+        except OSError as e:
+            from .runtime.outputs import disk_message
+            print(f"error: {e if isinstance(e, OutputError) else disk_message(e, args.out)}", file=sys.stderr)
+            return 1
     print(json.dumps(info, indent=1) if args.json else report(info))
     failed = [r for r in info["selfcheck"] if r["status"] in ("mismatch", "error")]
     return 1 if failed else 0

@@ -141,17 +141,28 @@ class RunLock:
             _held.remove(self)
 
 
-def lock_run_dir(out_dir: str, is_main: bool) -> RunLock | None:
-    """Collective: rank 0 takes the lock; every rank raises the same RunLocked if it is held."""
+def lock_run_dir(out_dir: str, is_main: bool, command: str | None = None, force: bool = False) -> RunLock | None:
+    """Collective: rank 0 takes the lock; every rank raises the same RunLocked if it is held.
+    With ``command``, rank 0 also claims the directory for it (``runtime.outputs.claim_dir``): a
+    directory holding another command's files is refused, on every rank, before anything is written."""
     import torch.distributed as dist
+
+    from .outputs import OutputRefused, check_dir, claim_dir, disk_message
     lock, error = None, None
     if is_main:
         try:
-            lock = RunLock(out_dir).acquire()
-        except RunLocked as e:
+            if command is not None and not os.path.exists(os.path.join(out_dir, ".lock")):
+                check_dir(out_dir, command, force=force)    # before a lock file is created there
+            lock = RunLock(out_dir).acquire()               # a live run's lock is named first
+            if command is not None:
+                claim_dir(out_dir, command, force=force)    # again, now under the lock
+        except (RunLocked, OutputRefused) as e:
             error = str(e)
-        except OSError as e:   # e.g. --out is a file, or read-only
-            error = f"--out {out_dir}: cannot be used as a run directory ({e.strerror or e})"
+        except OSError as e:   # e.g. --out is a file, or read-only, or the disk is full
+            error = f"--out {out_dir}: cannot be used as a run directory ({disk_message(e, out_dir)})"
+        if error and lock is not None:
+            lock.release()
+            lock = None
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)
