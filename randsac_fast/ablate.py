@@ -243,7 +243,14 @@ def run(argv=None) -> dict:
             raise ValueError(f"--specs: {e}") from None
     base = config_mod.parse_args(["--preset", args.preset, *train_flags, "--probe", "false"])
     config_mod.check_args(args, {"out": config_mod.writable_dir()})
-    lock_run_dir(args.out, True, "ablate", args.force)   # its own directory, one ablation at a time
+    lock = lock_run_dir(args.out, True, "ablate", args.force)   # its own directory, one ablation at a time
+    try:
+        return _run_grid(args, train_flags, specs, seeds, base)
+    finally:
+        lock.release()
+
+
+def _run_grid(args, train_flags: list, specs: list, seeds: list, base) -> dict:
     os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
     grid = (base.model.img_size // base.model.patch_size,) * 2
     runnable, skipped = [], {}

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"error: {disk_message(e, args.out_dir)}", file=sys.stderr)
+        print(f"error: {disk_message(e, getattr(e, 'filename', None) or args.out_dir)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted; the shards in {args.out_dir} are incomplete — run the command again with an empty "

@@ -66,8 +66,9 @@ class RunLock:
         return (f"--out {self.out} is in use by another run ({who}); wait for it to finish, stop it, "
                 "or choose another --out")
 
-    def acquire(self) -> "RunLock":
-        """Take the lock or raise RunLocked naming the holder."""
+    def acquire(self, name_holder: bool = True) -> "RunLock":
+        """Take the lock or raise RunLocked naming the holder. ``name_holder=False`` leaves the
+        file's bytes as they are until :meth:`name_holder` (a claim that may still be refused)."""
         os.makedirs(self.out, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -79,11 +80,17 @@ class RunLock:
             if e.errno not in _UNSUPPORTED:
                 raise
             return self._acquire_fallback()
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(_holder()).encode())
         self._fd = fd
         _held.append(self)
+        if name_holder:
+            self.name_holder()
         return self
+
+    def name_holder(self) -> None:
+        """Record this process (host, pid, start) in the lock file, for another run's error message."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, json.dumps(_holder()).encode(), 0)
 
     def _stale(self) -> bool:
         try:
@@ -153,9 +160,10 @@ def lock_run_dir(out_dir: str, is_main: bool, command: str | None = None, force:
         try:
             if command is not None and not os.path.exists(os.path.join(out_dir, ".lock")):
                 check_dir(out_dir, command, force=force)    # before a lock file is created there
-            lock = RunLock(out_dir).acquire()               # a live run's lock is named first
+            lock = RunLock(out_dir).acquire(name_holder=False)   # a live run's lock is named first
             if command is not None:
                 claim_dir(out_dir, command, force=force)    # again, now under the lock
+            lock.name_holder()                              # only now is anything written there
         except (RunLocked, OutputRefused) as e:
             error = str(e)
         except OSError as e:   # e.g. --out is a file, or read-only, or the disk is full

@@ -70,7 +70,7 @@ class OutputError(OSError):
     """A write failed for a reason of the file system (full, read-only, ...); str() is one line."""
 
     def __str__(self) -> str:
-        return self.args[0] if self.args else super().__str__()
+        return self.strerror or super().__str__()
 
 
 # ---- reading what a directory is ----------------------------------------------------------------
@@ -230,7 +230,7 @@ def _writing(directory: str):
     except OutputError:
         raise
     except OSError as e:
-        raise OutputError(e.errno, disk_message(e, directory)) from None
+        raise OutputError(e.errno, disk_message(e, getattr(e, "filename", None) or directory)) from None
     finally:
         if fd is not None:
             _locked.discard(key)
@@ -260,9 +260,11 @@ def _replace(path: str, write) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise OutputError(e.errno, disk_message(e, path)) from None   # the file meant, not its temporary
         raise
     _fsync_dir(directory)
 
@@ -304,7 +306,7 @@ def _free(path: str) -> str:
 
 def disk_message(e: OSError, path: str | None = None) -> str:
     """One line for a file-system failure: what happened, where, the free space there, the fix."""
-    path = e.filename if getattr(e, "filename", None) else path
+    path = path if path is not None else getattr(e, "filename", None)
     path = os.fspath(path) if path is not None else "?"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"no space left on {path} ({_free(path)}); free space there or pass another --out, "
