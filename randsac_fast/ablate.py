@@ -32,7 +32,7 @@ import torch
 from . import config as config_mod
 from . import orders
 from .runtime.lock import lock_run_dir, release_all
-from .runtime.outputs import atomic_text, atomic_write
+from .outputs import atomic_text, atomic_write
 from .runtime.summary import run_command
 
 __all__ = ["main", "run", "DEFAULT_SPECS", "summarise"]

@@ -225,9 +225,9 @@ def report(info: dict) -> str:
 
 
 def _writable_out(path: str, force: bool) -> bool:
-    """--out names a file info may write (see runtime.outputs); else one error line and False."""
+    """--out names a file info may write (see randsac_fast.outputs); else one error line and False."""
     from . import config as config_mod
-    from .runtime.outputs import claim_file
+    from .outputs import claim_file
     try:
         config_mod.check_args(argparse.Namespace(out=path), {"out": config_mod.writable_file(True)})
         claim_file(path, "info", force=force)
@@ -250,12 +250,12 @@ def main(argv=None) -> int:
         return 1
     info = collect(args.quick)
     if args.out:
-        from .runtime.outputs import OutputError, atomic_text
+        from .outputs import OutputError, atomic_text
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             atomic_text(args.out, json.dumps(info, indent=1), "info")
         except OSError as e:
-            from .runtime.outputs import disk_message
+            from .outputs import disk_message
             print(f"error: {e if isinstance(e, OutputError) else disk_message(e, args.out)}", file=sys.stderr)
             return 1
     print(json.dumps(info, indent=1) if args.json else report(info))

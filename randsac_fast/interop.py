@@ -238,7 +238,7 @@ def timm_config(model: nn.Module, mean, std, *, fc_norm: bool = False, global_po
 
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-_EXPORT = "interop export"     # the name runtime.outputs records for the files an export writes
+_EXPORT = "interop export"     # the name randsac_fast.outputs records for the files an export writes
 
 
 def export_timm(model: nn.Module, out: str, mean, std, *, fc_norm: bool = False, safetensors: bool = False,
@@ -250,13 +250,13 @@ def export_timm(model: nn.Module, out: str, mean, std, *, fc_norm: bool = False,
     ``.bin``; ``.safetensors`` or ``safetensors=True`` for safetensors): the weights, and the same
     config as ``<out without suffix>.json`` beside it (safetensors files also carry it as metadata).
     A path holding another command's files (a run or checkpoint directory, a sidecar name taken) is
-    refused with ``runtime.outputs.OutputRefused`` unless ``force``.
+    refused with ``randsac_fast.outputs.OutputRefused`` unless ``force``.
     """
     check_export_out(out, force)
     sd = to_timm(model, fc_norm=fc_norm)
     cfg = timm_config(model, mean, std, fc_norm=fc_norm)
     meta = {"timm_kwargs": json.dumps(timm_kwargs(model, fc_norm=fc_norm)), "timm_config": json.dumps(cfg)}
-    from .runtime.outputs import atomic_text, atomic_write, claim_dir
+    from .outputs import atomic_text, atomic_write, claim_dir
     if out.endswith(_WEIGHT_SUFFIXES):
         config_path, weights_path = os.path.splitext(out)[0] + ".json", out
         safetensors = safetensors or out.endswith(".safetensors")
@@ -684,8 +684,8 @@ def _add_norm_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_export_out(out: str, force: bool = False) -> None:
-    """Refuse an export --out holding another command's files (runtime.outputs), the sidecar included."""
-    from .runtime import outputs
+    """Refuse an export --out holding another command's files (randsac_fast.outputs), the sidecar included."""
+    from . import outputs
     if out.endswith(_WEIGHT_SUFFIXES):
         for path in (out, os.path.splitext(out)[0] + ".json"):
             outputs.claim_file(path, _EXPORT, force=force)
@@ -694,7 +694,7 @@ def check_export_out(out: str, force: bool = False) -> None:
 
 
 def _check_outputs(args) -> None:
-    from .runtime import outputs
+    from . import outputs
     if args.command == "pretrained":
         outputs.check_dir(args.out, "interop pretrained", force=args.force)
     else:

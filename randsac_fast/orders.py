@@ -24,6 +24,7 @@ Tokens inside a segment keep raster order among themselves.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,13 @@ VALID_FORMS = ("raster | random | square:K[/K2[/K3...]] | blob:K[/K2[/K3...]] | 
 BLOB_MEAN_RANGE = (-1.75, 1.75)
 BLOB_STD_RANGE = (0.5, 1.0)
 BLOB_EXTENT = 2.0
+
+
+def _checks_on() -> bool:
+    """The ops' check switch (:func:`randsac_fast.ops.set_checks`), read without importing ops
+    (ops imports this module); off while compiling."""
+    dispatch = sys.modules.get("randsac_fast.ops._dispatch")
+    return dispatch.checks_enabled(None) if dispatch is not None else not torch.compiler.is_compiling()
 
 
 @dataclass(frozen=True)
@@ -80,8 +88,7 @@ class SegmentOrder:
         n, size = self.perm.shape[1], self.segment_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1 or n % size):
             raise ValueError(f"segment_size must be None or a positive divisor of the {n} tokens; got {size!r}")
-        from .ops._dispatch import checks_enabled
-        if checks_enabled(None) and self.perm.device.type != "meta" and not torch.compiler.is_compiling():
+        if _checks_on() and self.perm.device.type != "meta":
             self.validate()
 
     @classmethod

@@ -131,7 +131,7 @@ def plot_orders(spec: str, grid, out: str, *, n: int = 4, seed: int = 0, cols: i
 
 def _save(fig, out: str) -> str:
     plt = _pyplot()
-    from .runtime.outputs import atomic_write
+    from .outputs import atomic_write
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
     try:   # a temporary name (same suffix: it picks the format), fsync, rename; recorded as viz's
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
         rules.update(mean=config_mod.RULES["mean"], std=config_mod.RULES["std"])
 
     def draw(_):
-        from .runtime.outputs import claim_file
+        from .outputs import claim_file
         config_mod.check_args(args, rules)
         claim_file(args.out, "viz", force=args.force)   # never over a file viz did not write
         if args.command == "orders":

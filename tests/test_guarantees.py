@@ -21,7 +21,7 @@ import torch
 from randsac_fast import info, interop, models, orders, ops, train, viz
 from randsac_fast.data import __main__ as data_cli
 from randsac_fast.eval import finetune, linprobe
-from randsac_fast.runtime import outputs
+from randsac_fast import outputs
 from randsac_fast.runtime.lock import RunLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

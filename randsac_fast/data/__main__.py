@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     ms.add_argument("--seed", type=int, default=0, help="seed of the order images are written in (default 0)")
     ms.add_argument("--force", action="store_true", help="write into an OUT_DIR that holds another command's files")
     args = p.parse_args(argv)
-    from ..runtime.outputs import OutputError, OutputRefused, disk_message
+    from ..outputs import OutputError, OutputRefused, disk_message
     try:
         pattern = make_shards(args.src_dir, args.out_dir, args.shard_size, args.prefix, args.seed, force=args.force)
     except (DataError, OutputRefused, OutputError) as e:

@@ -147,8 +147,8 @@ def make_shards(src_dir: str, out_dir: str, shard_size: int = 1000, prefix: str 
     """Write the ImageFolder ``src_dir`` as tar shards ``out_dir/<prefix>-NNNNNN.tar`` (files copied
     byte for byte, in a seeded random order so that every shard mixes the classes), plus
     ``sizes.json`` and ``classes.json``. Returns the brace pattern to pass as ``--data``. An
-    ``out_dir`` holding another command's files is refused (``runtime.outputs``) unless ``force``."""
-    from ..runtime.outputs import check_dir, claim_dir
+    ``out_dir`` holding another command's files is refused (``randsac_fast.outputs``) unless ``force``."""
+    from ..outputs import check_dir, claim_dir
     check_dir(out_dir, "data make-shards", force=force, flag="OUT_DIR")
     if shard_size < 1:
         raise DataError(f"--shard-size must be >= 1; got {shard_size}")
@@ -176,7 +176,7 @@ def make_shards(src_dir: str, out_dir: str, shard_size: int = 1000, prefix: str 
         with open(sizes_path) as fh:
             sizes = json.load(fh)
     sizes.update({name: min(shard_size, len(order) - s * shard_size) for s, name in enumerate(names)})
-    from ..runtime.outputs import atomic_text   # temporary name + fsync + rename
+    from ..outputs import atomic_text   # temporary name + fsync + rename
     atomic_text(sizes_path, json.dumps(sizes, indent=1), "data make-shards")
     atomic_text(os.path.join(out_dir, "classes.json"), json.dumps(src.classes, indent=1), "data make-shards")
     return os.path.join(out_dir, f"{prefix}-{{000000..{n_shards - 1:06d}}}.tar")

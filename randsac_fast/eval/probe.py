@@ -77,5 +77,5 @@ def _digits_pixel_accuracy(img_size: int, mean: tuple, std: tuple) -> float:
 
 def save_json(obj: dict, path: str) -> None:
     """Write ``path`` atomically (a reader never sees half a file) and durably."""
-    from ..runtime.outputs import atomic_text
+    from ..outputs import atomic_text
     atomic_text(path, json.dumps(obj, indent=2))

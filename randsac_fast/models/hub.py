@@ -87,7 +87,7 @@ class PretrainedMixin:
         """Write ``directory/config.json`` (the model's config, ``metadata`` — JSON values, e.g. the
         normalisation mean/std — and the package version) and ``directory/model.safetensors``.
         Returns ``directory``. A directory holding another command's files (a run directory, a timm
-        export) is refused with ``runtime.outputs.OutputRefused`` unless ``force``."""
+        export) is refused with ``randsac_fast.outputs.OutputRefused`` unless ``force``."""
         from safetensors.torch import save_file
 
         from .. import __version__
@@ -98,7 +98,7 @@ class PretrainedMixin:
                   "config": dataclasses.asdict(self.config), "randsac_fast_version": __version__,
                   "metadata": dict(metadata or {})}
         text = json.dumps(config, indent=2)        # before writing anything: metadata must be JSON
-        from ..runtime.outputs import atomic_text, atomic_write, claim_dir
+        from ..outputs import atomic_text, atomic_write, claim_dir
         claim_dir(directory, "interop pretrained", force=force)
         # temporary name + fsync + rename: an interrupted save leaves the previous files whole
         atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}),

@@ -150,11 +150,11 @@ class RunLock:
 
 def lock_run_dir(out_dir: str, is_main: bool, command: str | None = None, force: bool = False) -> RunLock | None:
     """Collective: rank 0 takes the lock; every rank raises the same RunLocked if it is held.
-    With ``command``, rank 0 also claims the directory for it (``runtime.outputs.claim_dir``): a
+    With ``command``, rank 0 also claims the directory for it (``randsac_fast.outputs.claim_dir``): a
     directory holding another command's files is refused, on every rank, before anything is written."""
     import torch.distributed as dist
 
-    from .outputs import OutputRefused, check_dir, claim_dir, disk_message
+    from ..outputs import OutputRefused, check_dir, claim_dir, disk_message
     lock, error = None, None
     if is_main:
         try:

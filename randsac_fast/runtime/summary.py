@@ -78,7 +78,7 @@ def run_command(body, argv=None, errors: tuple = (ValueError, FileNotFoundError,
         code = body(argv)
         return code if isinstance(code, int) else 0
     except OSError as e:
-        from .outputs import DISK_ERRNOS, disk_message
+        from ..outputs import DISK_ERRNOS, disk_message
         if not (isinstance(e, errors) or e.errno in DISK_ERRNOS):
             raise
         report_error(disk_message(e) if e.errno in DISK_ERRNOS and type(e).__name__ != "OutputError" else str(e))
@@ -120,7 +120,7 @@ def print_summary(title: str, rows: dict, next_steps: dict | None = None, file=N
 
 def write_results(out_dir: str, result: dict, name: str = "results.json") -> str:
     """Write ``result`` as JSON under ``out_dir``; return the path."""
-    from .outputs import atomic_text
+    from ..outputs import atomic_text
     return atomic_text(os.path.join(out_dir, name), json.dumps(result, indent=2) + "\n")
 
 

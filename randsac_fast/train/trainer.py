@@ -27,7 +27,7 @@ from ..eval.probe import digits_probe, save_json
 from ..runtime.batch import plan_batch
 from ..runtime.checkpoint import Checkpointer, NonFiniteState, read_meta, rng_state, set_rng_state
 from ..runtime.lock import lock_run_dir, release_all
-from ..runtime.outputs import atomic_text
+from ..outputs import atomic_text
 from ..runtime.preempt import EXIT_PREEMPTED, Preempted, Preemption
 from ..runtime.resume_config import check_resume
 from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops, require_wandb
@@ -81,7 +81,7 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world
         if self.dist.is_main:
             os.makedirs(t.out, exist_ok=True)
-        # one run per directory, and only a directory of its own (runtime.outputs); raises on every rank
+        # one run per directory, and only a directory of its own (randsac_fast.outputs); raises on every rank
         self.lock = lock_run_dir(t.out, self.dist.is_main, "train", t.force)
         dist.barrier()
 
