@@ -36,7 +36,7 @@ from .. import config as config_mod
 from .. import data as data_mod
 from .. import interop, ops
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
-from ..runtime.lock import lock_run_dir
+from ..runtime.lock import lock_run_dir, releasing_locks
 from .linprobe import (RUN_RULES, _say, add_run_args, check_channels, cli, eval_transform, evaluate, labelled_splits,
                        load_encoder, metrics_logger, norm_stats, summarise)
 from ..runtime.metrics import require_wandb
@@ -333,6 +333,7 @@ def _check_randaug_flag(args) -> None:
         check_randaug(args.randaug)
 
 
+@releasing_locks
 def run(argv=None) -> dict:
     """Fine-tune; returns the final {'top1', 'top5', 'losses', ...}. Raises on bad input."""
     args = build_parser().parse_args(argv)

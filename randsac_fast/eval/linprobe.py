@@ -39,7 +39,7 @@ from .. import config as config_mod
 from .. import data as data_mod
 from .. import interop, ops
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
-from ..runtime.lock import lock_run_dir, release_all
+from ..runtime.lock import lock_run_dir, release_all, releasing_locks
 from ..runtime.metrics import MetricsLogger, require_wandb
 from ..runtime.parallel import Dist, init_distributed
 from ..runtime.schedule import lr_at, scaled_lr, set_lr
@@ -235,6 +235,7 @@ RUN_RULES = {"out": config_mod.writable_dir(), "epochs": config_mod.positive(),
              "device": config_mod.RULES["device"]}
 
 
+@releasing_locks
 def run(argv=None) -> dict:
     """Train the probe; returns the final {'top1', 'top5', ...}. Raises on bad input."""
     args = build_parser().parse_args(argv)

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 
-__all__ = ["RunLocked", "RunLock", "lock_run_dir", "release_all", "HEARTBEAT_S", "STALE_AFTER_S"]
+__all__ = ["RunLocked", "RunLock", "lock_run_dir", "release_all", "releasing_locks", "HEARTBEAT_S", "STALE_AFTER_S"]
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
@@ -178,6 +178,23 @@ def lock_run_dir(out_dir: str, is_main: bool, command: str | None = None, force:
     if error:
         raise RunLocked(error)
     return lock
+
+
+def releasing_locks(fn):
+    """Decorate a run: the locks it took are released when it returns or raises (those held before
+    stay), so a program may call it again on the same directory."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = list(_held)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for lock in list(_held):
+                if lock not in before:
+                    lock.release()
+    return wrapper
 
 
 def release_all() -> None:
