@@ -31,6 +31,9 @@ import torch
 
 from . import config as config_mod
 from . import orders
+from .runtime.lock import lock_run_dir, release_all
+from .outputs import atomic_text, atomic_write
+from .runtime.summary import run_command
 
 __all__ = ["main", "run", "DEFAULT_SPECS", "summarise"]
 
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-images", type=int, default=10000,
                    help="at most this many images of each labelled split for probe and k-NN (default 10000)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p.add_argument("--force", action="store_true", help="write into an --out that holds another command's files")
     return p
 
 
@@ -217,8 +221,10 @@ def plot(summary: dict, path: str, title: str) -> None:
         ax.set_ylabel(label)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), "ablate")
+    finally:
+        plt.close(fig)
 
 
 def run(argv=None) -> dict:
@@ -230,7 +236,21 @@ def run(argv=None) -> dict:
     for flag in ("--order", "--seed", "--out", "--resume"):
         if any(f == flag or f.startswith(flag + "=") for f in train_flags):
             raise ValueError(f"{flag} is set per cell by the ablation; use --specs / --seeds / --out instead")
+    for spec in specs:       # a typo is refused; a valid spec that does not fit the grid is skipped below
+        try:
+            orders.parse_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"--specs: {e}") from None
     base = config_mod.parse_args(["--preset", args.preset, *train_flags, "--probe", "false"])
+    config_mod.check_args(args, {"out": config_mod.writable_dir()})
+    lock = lock_run_dir(args.out, True, "ablate", args.force)   # its own directory, one ablation at a time
+    try:
+        return _run_grid(args, train_flags, specs, seeds, base)
+    finally:
+        lock.release()
+
+
+def _run_grid(args, train_flags: list, specs: list, seeds: list, base) -> dict:
     os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
     grid = (base.model.img_size // base.model.patch_size,) * 2
     runnable, skipped = [], {}
@@ -241,6 +261,9 @@ def run(argv=None) -> dict:
         except ValueError as e:
             skipped[spec] = str(e)
             print(f"skipping {spec}: {e}", file=sys.stderr, flush=True)
+    if not runnable:
+        raise ValueError(f"no spec of --specs {args.specs} fits the {grid[0]}x{grid[1]} token grid "
+                         f"({'; '.join(skipped.values())}); pass specs with fewer segments")
     cells = []
     for spec in runnable:
         for seed in seeds:
@@ -267,8 +290,7 @@ def run(argv=None) -> dict:
               "cells": cells, "summary": summary}
     from .eval.probe import save_json
     save_json(report, os.path.join(args.out, "ablation.json"))
-    with open(os.path.join(args.out, "ablation.md"), "w") as fh:
-        fh.write(table(summary))
+    atomic_text(os.path.join(args.out, "ablation.md"), table(summary), "ablate")
     print(table(summary), flush=True)
     if not args.no_plot:
         plot(summary, os.path.join(args.out, "ablation.png"),
@@ -277,12 +299,15 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
+    from . import started
+    started()                # Ctrl-C is this command's to handle from here
     try:
-        run(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+        return run_command(run, argv, errors=(ValueError, FileNotFoundError, ImportError))
+    except KeyboardInterrupt:
+        print("interrupted; finished cells are kept (run the same command again to go on)", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        release_all()
 
 
 if __name__ == "__main__":

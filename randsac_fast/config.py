@@ -101,7 +101,8 @@ class TrainConfig:
                               "from the checkpoint's; each change is printed (model-shape changes never resume)",
                               False)
     force: bool = doc("start from scratch in an --out that already holds checkpoints (they are kept; the new run "
-                      "writes a new branch of checkpoints)", False)
+                      "writes a new branch of checkpoints), or write into an --out that holds another command's "
+                      "files", False)
     log_every: int = doc("log metrics every K optimizer steps", 10)
     compile: str = doc("torch.compile: none; block (each transformer block); whole (the model's forward + "
                        "loss as one fullgraph graph); whole-cudagraphs (whole with mode='reduce-overhead', "
@@ -539,6 +540,11 @@ def integer() -> Rule:
     return Rule(_is_int, "an integer")
 
 
+def seed_value() -> Rule:
+    """A random seed every generator takes (torch's are 64-bit: larger ones overflow deep inside)."""
+    return Rule(lambda x: _is_int(x) and 0 <= x < 2**63, "an integer from 0 to 2**63 - 1 (9223372036854775807)")
+
+
 def positive() -> Rule:
     return Rule(lambda x: _is_real(x) and x > 0, "a finite number > 0")
 
@@ -667,7 +673,7 @@ RULES: dict[str, Rule] = {
     "warmup_steps": optional(at_least(0)), "warmup_epochs": non_negative(), "clip_grad": optional(positive()),
     # train
     "out": writable_dir(), "steps": optional(at_least(1)), "epochs": positive(), "batch_size": at_least(1),
-    "accum": optional(at_least(1)), "micro_batch": optional(at_least(1)), "seed": integer(), "order": text(), "resume": optional(text()),
+    "accum": optional(at_least(1)), "micro_batch": optional(at_least(1)), "seed": seed_value(), "order": text(), "resume": optional(text()),
     "ckpt_every": at_least(0), "keep": at_least(1), "log_every": at_least(1),
     "compile": one_of("none", "block", "whole", "whole-cudagraphs"),
     "fsdp_units": one_of("auto", "block", "root"),

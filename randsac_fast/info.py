@@ -242,12 +242,30 @@ def report(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _writable_out(path: str, force: bool) -> bool:
+    """--out names a file info may write (see randsac_fast.outputs); else one error line and False."""
+    from . import config as config_mod
+    from .outputs import claim_file
+    try:
+        config_mod.check_args(argparse.Namespace(out=path), {"out": config_mod.writable_file(True)})
+        claim_file(path, "info", force=force)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv=None) -> int:
+    from . import started
+    started()                # Ctrl-C is this command's to handle from here
     p = argparse.ArgumentParser(prog="python -m randsac_fast.info", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object with every field")
     p.add_argument("--quick", action="store_true", help="bf16 on a GPU (fp32 on the CPU), one structure per op")
     p.add_argument("--out", default=None, help="also write the JSON to this file (the report still prints)")
+    p.add_argument("--force", action="store_true", help="replace an --out file another command (or you) wrote")
     args = p.parse_args(argv)
+    if args.out and not _writable_out(args.out, args.force):   # checked before the (slow) checks run
+        return 1
     info = collect(args.quick, args.out)
     if args.out:
         _write(args.out, info)

@@ -238,31 +238,37 @@ def timm_config(model: nn.Module, mean, std, *, fc_norm: bool = False, global_po
 
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+_EXPORT = "interop export"     # the name randsac_fast.outputs records for the files an export writes
 
 
-def export_timm(model: nn.Module, out: str, mean, std, *, fc_norm: bool = False, safetensors: bool = False) -> dict:
+def export_timm(model: nn.Module, out: str, mean, std, *, fc_norm: bool = False, safetensors: bool = False,
+                force: bool = False) -> dict:
     """Write the encoder for timm with its metadata; returns :func:`timm_config`.
 
     ``out`` a directory: ``config.json`` + ``model.safetensors`` (timm's local-dir / hub layout:
     ``timm.create_model("local-dir:" + out, pretrained=True)``). ``out`` a file (``.pt``, ``.pth``,
     ``.bin``; ``.safetensors`` or ``safetensors=True`` for safetensors): the weights, and the same
     config as ``<out without suffix>.json`` beside it (safetensors files also carry it as metadata).
+    A path holding another command's files (a run or checkpoint directory, a sidecar name taken) is
+    refused with ``randsac_fast.outputs.OutputRefused`` unless ``force``.
     """
+    check_export_out(out, force)
     sd = to_timm(model, fc_norm=fc_norm)
     cfg = timm_config(model, mean, std, fc_norm=fc_norm)
     meta = {"timm_kwargs": json.dumps(timm_kwargs(model, fc_norm=fc_norm)), "timm_config": json.dumps(cfg)}
+    from .outputs import atomic_text, atomic_write, claim_dir
     if out.endswith(_WEIGHT_SUFFIXES):
-        config_path = os.path.splitext(out)[0] + ".json"
-        save_state_dict(sd, out, safetensors=safetensors or out.endswith(".safetensors"), metadata=meta)
+        config_path, weights_path = os.path.splitext(out)[0] + ".json", out
+        safetensors = safetensors or out.endswith(".safetensors")
     else:
         if os.path.isfile(out):
             raise ValueError(f"--out {out} is a file without a weights suffix; pass a directory (config.json + "
                              f"model.safetensors) or a file ending in one of {', '.join(_WEIGHT_SUFFIXES)}")
-        os.makedirs(out, exist_ok=True)
-        config_path = os.path.join(out, "config.json")
-        save_state_dict(sd, os.path.join(out, "model.safetensors"), safetensors=True, metadata=meta)
-    with open(config_path, "w") as fh:
-        json.dump(cfg, fh, indent=2)
+        claim_dir(out, _EXPORT, force=True)    # checked above
+        config_path, weights_path, safetensors = os.path.join(out, "config.json"), os.path.join(out, "model.safetensors"), True
+    # Each file through a temporary name + fsync + rename: an interrupted export leaves the old one whole.
+    atomic_write(weights_path, lambda tmp: save_state_dict(sd, tmp, safetensors=safetensors, metadata=meta), _EXPORT)
+    atomic_text(config_path, json.dumps(cfg, indent=2), _EXPORT)
     return cfg
 
 
@@ -547,15 +553,35 @@ def _load_dcp(path: str, name: str | None, backend: str, overrides: dict):
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for a checkpoint directory; valid: {sorted(fields)}")
+    for key, val in overrides.items():
+        if key not in _MAPPABLE and val != mcfg.get(key):
+            was = mcfg.get(key)
+            raise ValueError(f"--set {key}={val!r}: the checkpoint {path} was trained with {key}="
+                             f"{'the model default' if was is None else repr(was)}, and its weights cannot be mapped "
+                             f"to another value; fields that can change: {', '.join(_MAPPABLE)} — drop --set {key}")
     for key, val in {**overrides, "backend": backend}.items():
         setattr(cfg, key, val)
     model = models.build_from_config(cfg, in_chans)       # exactly as the trainer built it
     state = {"model": model.state_dict()}
+    pos = state["model"].get("pos_embed")
+    saved_pos = tensors.get("model.pos_embed")
+    resample = pos is not None and saved_pos is not None and tuple(saved_pos.size) != tuple(pos.shape)
+    if resample:   # another img_size: read the saved table, resample it to this grid (bicubic)
+        state["model"]["pos_embed"] = torch.empty(tuple(saved_pos.size), dtype=pos.dtype)
     with warnings.catch_warnings():          # a single-process read is what we want here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path)
+    if resample:
+        state["model"]["pos_embed"] = interpolate_pos_embed(state["model"]["pos_embed"], model.grid,
+                                                            num_prefix_tokens=model.num_prefix_tokens)
     model.load_state_dict(state["model"])
     return model, meta
+
+
+#: Model fields a checkpoint directory's model may be loaded with another value of: they change
+#: no weight (backend, the pre-training loss and its targets), or the loader maps the weights
+#: (img_size: fixed position embeddings are rebuilt, or a saved table resampled, for the new grid).
+_MAPPABLE = ("img_size", "backend", "loss", "norm_pix", "blur_kernel", "blur_sigma")
 
 
 def load_model(path: str, name: str | None = None, *, backend: str = "auto", **overrides):
@@ -657,7 +683,27 @@ def _add_norm_args(p: argparse.ArgumentParser) -> None:
                    help="normalisation std per channel to record, comma-separated (default: the run's)")
 
 
+def check_export_out(out: str, force: bool = False) -> None:
+    """Refuse an export --out holding another command's files (randsac_fast.outputs), the sidecar included."""
+    from . import outputs
+    if out.endswith(_WEIGHT_SUFFIXES):
+        for path in (out, os.path.splitext(out)[0] + ".json"):
+            outputs.claim_file(path, _EXPORT, force=force)
+    elif not os.path.isfile(out):
+        outputs.check_dir(out, _EXPORT, force=force)
+
+
+def _check_outputs(args) -> None:
+    from . import outputs
+    if args.command == "pretrained":
+        outputs.check_dir(args.out, "interop pretrained", force=args.force)
+    else:
+        check_export_out(args.out, args.force)
+
+
 def main(argv=None) -> int:
+    from . import started
+    started()                # Ctrl-C is this command's to handle from here
     from . import config as config_mod
     p = config_mod.Parser(prog="python -m randsac_fast.interop",
                           description="Export a RandSAC / SAIM checkpoint: the encoder for timm, or the "
@@ -674,30 +720,35 @@ def main(argv=None) -> int:
                     help="store the final norm as timm's fc_norm (normalises the pooled vector; a fine-tuning "
                          "start, not the same features)")
     _add_norm_args(ex)
+    ex.add_argument("--force", action="store_true", help="replace files at --out that another command wrote")
     pre = sub.add_parser("pretrained", help="write the whole model as a save_pretrained directory "
                                             "(models.from_pretrained loads it in one line)")
     add_checkpoint_args(pre)
     pre.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
     _add_norm_args(pre)
+    pre.add_argument("--force", action="store_true", help="write into an --out that holds another command's files")
     args = p.parse_args(argv)
     from .config import flat
     args.mean, args.std = flat(args.mean), flat(args.std)
 
     def export(_):
         as_file = args.command == "export" and args.out.endswith(_WEIGHT_SUFFIXES)
-        config_mod.check_args(args, {"out": config_mod.writable_file() if as_file else config_mod.writable_dir()})
+        config_mod.check_args(args, {"out": config_mod.writable_file() if as_file else config_mod.writable_dir(),
+                                     "mean": config_mod.RULES["mean"], "std": config_mod.RULES["std"]})
         if (args.mean is None) != (args.std is None):
             raise ValueError("pass --mean and --std together (or neither, for the run's own)")
+        _check_outputs(args)   # before loading: a refused --out costs nothing
         model, meta = load_model(args.ckpt, args.model, backend=args.backend, **parse_sets(args.set))
         mean, std = (args.mean, args.std) if args.mean else run_normalisation(meta, model.in_chans)
         if args.command == "pretrained":
             model.save_pretrained(args.out, metadata={"mean": list(mean), "std": list(std), "checkpoint": args.ckpt,
-                                                      "step": meta.get("step")})
+                                                      "step": meta.get("step")}, force=args.force)
             print_summary("save_pretrained done", {"checkpoint": args.ckpt, "directory": args.out,
                                                    "model": type(model).__name__},
                           {"load": f"model = randsac_fast.models.from_pretrained({args.out!r})"})
             return
-        cfg = export_timm(model, args.out, mean, std, fc_norm=args.fc_norm, safetensors=args.safetensors)
+        cfg = export_timm(model, args.out, mean, std, fc_norm=args.fc_norm, safetensors=args.safetensors,
+                          force=args.force)
         arch, kwargs, pre_cfg = cfg["architecture"], cfg["model_args"], cfg["pretrained_cfg"]
         rows = {"checkpoint": args.ckpt, "timm weights": args.out if as_file else os.path.join(args.out, "model.safetensors"),
                 "timm config": os.path.splitext(args.out)[0] + ".json" if as_file else os.path.join(args.out, "config.json"),

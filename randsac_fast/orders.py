@@ -24,6 +24,7 @@ Tokens inside a segment keep raster order among themselves.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,13 @@ BLOB_STD_RANGE = (0.5, 1.0)
 BLOB_EXTENT = 2.0
 
 
+def _checks_on() -> bool:
+    """The ops' check switch (:func:`randsac_fast.ops.set_checks`), read without importing ops
+    (ops imports this module); off while compiling."""
+    dispatch = sys.modules.get("randsac_fast.ops._dispatch")
+    return dispatch.checks_enabled(None) if dispatch is not None else not torch.compiler.is_compiling()
+
+
 @dataclass(frozen=True)
 class SegmentOrder:
     """perm: [B, N] int64 raster token indices (row * grid_w + col) in serialisation order.
@@ -61,6 +69,36 @@ class SegmentOrder:
     perm: Tensor
     seg: Tensor
     segment_size: int | None = None
+
+    def __post_init__(self):
+        """Shapes, dtypes and ``segment_size`` always (free); the values — ``perm`` a permutation
+        per row, ``seg`` compact and sorted, ``segment_size`` equal to every segment's size — only
+        while the ops' check switch is on (:func:`randsac_fast.ops.set_checks`: a device sync)."""
+        for name in ("perm", "seg"):
+            t = getattr(self, name)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"SegmentOrder {name} must be a torch.Tensor [B, N]; got {type(t).__name__} — "
+                                "build orders with orders.sample or SegmentOrder.from_perm")
+            if t.dim() != 2 or t.is_floating_point() or t.dtype == torch.bool:
+                raise ValueError(f"SegmentOrder {name} must be a 2-D integer tensor [B, N]; got {t.dtype} of shape "
+                                 f"{tuple(t.shape)} — use SegmentOrder.from_perm to build one from values")
+        if self.perm.shape != self.seg.shape:
+            raise ValueError(f"SegmentOrder perm {tuple(self.perm.shape)} and seg {tuple(self.seg.shape)} must have "
+                             "the same shape")
+        n, size = self.perm.shape[1], self.segment_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1 or n % size):
+            raise ValueError(f"segment_size must be None or a positive divisor of the {n} tokens; got {size!r}")
+        if _checks_on() and self.perm.device.type != "meta":
+            self.validate()
+
+    @classmethod
+    def _trusted(cls, perm: Tensor, seg: Tensor, segment_size: int | None) -> "SegmentOrder":
+        """An order this module built (or moved): no re-validation."""
+        order = object.__new__(cls)
+        object.__setattr__(order, "perm", perm)
+        object.__setattr__(order, "seg", seg)
+        object.__setattr__(order, "segment_size", segment_size)
+        return order
 
     @property
     def batch(self) -> int:
@@ -76,7 +114,7 @@ class SegmentOrder:
 
     def to(self, device) -> "SegmentOrder":
         """On ``device``; host tensors go through pinned memory in a non-blocking copy (no host stall)."""
-        return SegmentOrder(_to_device(self.perm, device), _to_device(self.seg, device), self.segment_size)
+        return SegmentOrder._trusted(_to_device(self.perm, device), _to_device(self.seg, device), self.segment_size)
 
     def num_segments(self) -> Tensor:
         """[B] number of segments of each sample."""
@@ -108,7 +146,7 @@ class SegmentOrder:
             if seg.is_floating_point():
                 raise TypeError(f"seg must hold integer segment ranks; got {seg.dtype}")
             seg = seg.to(torch.int32).contiguous()
-        order = SegmentOrder(perm, seg)
+        order = SegmentOrder._trusted(perm, seg, None)
         order.validate()
         return order
 
@@ -129,6 +167,12 @@ class SegmentOrder:
         if bool(((steps < 0) | (steps > 1)).any()):
             raise ValueError("seg must be non-decreasing with steps of 0 or 1 (compact ranks from 0); "
                              f"got e.g. {seg[0, :16].tolist()}")
+        if self.segment_size is not None:
+            want = torch.arange(n, device=seg.device) // self.segment_size
+            if not torch.equal(seg.long(), want.expand(b, n)):
+                raise ValueError(f"segment_size {self.segment_size} says every segment has {self.segment_size} tokens, "
+                                 f"but seg holds other sizes (e.g. {seg[0, :16].tolist()}); pass segment_size=None "
+                                 "(sizes unknown) or the true size")
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +349,14 @@ def sample_levels(spec, batch: int, grid, *, generator: torch.Generator | None =
     gh, gw = grid_shape(grid)
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"batch must be a positive int; got {batch!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__} {generator!r:.40} "
+                        "— pass torch.Generator().manual_seed(seed)")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0'; got {device!r}") from None
     batch = int(batch)
     draw_device = generator.device if generator is not None else torch.device(device or "cpu")
     rng = _Rng(generator, draw_device)
@@ -316,7 +368,7 @@ def sample_levels(spec, batch: int, grid, *, generator: torch.Generator | None =
         return _to_device(t, out)
 
     return OrderLevels(
-        order=SegmentOrder(move(perm), move(ranks[0]), spec.segment_size((gh, gw))),
+        order=SegmentOrder._trusted(move(perm), move(ranks[0]), spec.segment_size((gh, gw))),
         ranks=tuple(map(move, ranks)),
         labels=tuple(move(lab.expand(batch, -1).contiguous()) for lab in labels),
         blobs=None if blobs is None else tuple((move(m), move(s)) for m, s in blobs),

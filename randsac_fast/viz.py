@@ -131,10 +131,13 @@ def plot_orders(spec: str, grid, out: str, *, n: int = 4, seed: int = 0, cols: i
 
 def _save(fig, out: str) -> str:
     plt = _pyplot()
+    from .outputs import atomic_write
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:   # a temporary name (same suffix: it picks the format), fsync, rename; recorded as viz's
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110), "viz")
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -300,6 +303,8 @@ def _default_order(model, meta: dict) -> str:
 # CLI
 # --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    from . import started
+    started()                # Ctrl-C is this command's to handle from here
     from . import config as config_mod
     from .interop import add_checkpoint_args, load_model, parse_sets
     p = config_mod.Parser(prog="python -m randsac_fast.viz", description="Figures: orders, reconstructions.")
@@ -310,6 +315,7 @@ def main(argv=None) -> int:
     o.add_argument("--n", type=int, default=4, help="number of sampled orders (default 4)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--out", required=True, help="output PNG")
+    o.add_argument("--force", action="store_true", help="replace an --out file another command (or you) wrote")
     r = sub.add_parser("recon", help="image | order | prediction of a trained model")
     add_checkpoint_args(r)
     r.add_argument("--images", type=comma_list(str), nargs="+", required=True,
@@ -322,18 +328,21 @@ def main(argv=None) -> int:
                    help="normalisation std per channel, comma-separated (default: the run's, else the data's)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True, help="output PNG")
+    r.add_argument("--force", action="store_true", help="replace an --out file another command (or you) wrote")
     args = p.parse_args(argv)
     for name in ("grid", "images", "mean", "std"):
         if hasattr(args, name):
             setattr(args, name, flat(getattr(args, name)))
-    rules = {"n": config_mod.at_least(1), "seed": config_mod.integer(), "out": config_mod.writable_file(True)}
+    rules = {"n": config_mod.at_least(1), "seed": config_mod.seed_value(), "out": config_mod.writable_file(True)}
     if args.command == "orders":
         rules["grid"] = config_mod.each(config_mod.at_least(1))
     else:
         rules.update(mean=config_mod.RULES["mean"], std=config_mod.RULES["std"])
 
     def draw(_):
+        from .outputs import claim_file
         config_mod.check_args(args, rules)
+        claim_file(args.out, "viz", force=args.force)   # never over a file viz did not write
         if args.command == "orders":
             grid = args.grid[0] if len(args.grid) == 1 else tuple(args.grid)
             out = plot_orders(args.spec, grid, args.out, n=args.n, seed=args.seed)

@@ -142,15 +142,19 @@ class ShardDataset(torch.utils.data.IterableDataset):
             epoch, skip = epoch + 1, 0
 
 
-def make_shards(src_dir: str, out_dir: str, shard_size: int = 1000, prefix: str = "train", seed: int = 0) -> str:
+def make_shards(src_dir: str, out_dir: str, shard_size: int = 1000, prefix: str = "train", seed: int = 0, *,
+                force: bool = False) -> str:
     """Write the ImageFolder ``src_dir`` as tar shards ``out_dir/<prefix>-NNNNNN.tar`` (files copied
     byte for byte, in a seeded random order so that every shard mixes the classes), plus
-    ``sizes.json`` and ``classes.json``. Returns the brace pattern to pass as ``--data``."""
+    ``sizes.json`` and ``classes.json``. Returns the brace pattern to pass as ``--data``. An
+    ``out_dir`` holding another command's files is refused (``randsac_fast.outputs``) unless ``force``."""
+    from ..outputs import check_dir, claim_dir
+    check_dir(out_dir, "data make-shards", force=force, flag="OUT_DIR")
     if shard_size < 1:
         raise DataError(f"--shard-size must be >= 1; got {shard_size}")
     wds = webdataset_module()
     src = ImageFolderSource(src_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    claim_dir(out_dir, "data make-shards", force=True, flag="OUT_DIR")   # checked above
     if glob.glob(os.path.join(out_dir, f"{prefix}-*.tar")):
         raise DataError(f"{out_dir} already holds {prefix}-*.tar shards; choose an empty folder or another --prefix")
     order = list(range(len(src)))
@@ -172,8 +176,7 @@ def make_shards(src_dir: str, out_dir: str, shard_size: int = 1000, prefix: str 
         with open(sizes_path) as fh:
             sizes = json.load(fh)
     sizes.update({name: min(shard_size, len(order) - s * shard_size) for s, name in enumerate(names)})
-    with open(sizes_path, "w") as fh:
-        json.dump(sizes, fh, indent=1)
-    with open(os.path.join(out_dir, "classes.json"), "w") as fh:
-        json.dump(src.classes, fh, indent=1)
+    from ..outputs import atomic_text   # temporary name + fsync + rename
+    atomic_text(sizes_path, json.dumps(sizes, indent=1), "data make-shards")
+    atomic_text(os.path.join(out_dir, "classes.json"), json.dumps(src.classes, indent=1), "data make-shards")
     return os.path.join(out_dir, f"{prefix}-{{000000..{n_shards - 1:06d}}}.tar")

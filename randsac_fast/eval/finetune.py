@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -35,7 +36,8 @@ from .. import data as data_mod
 from .. import interop, ops
 from ..runtime import collectives
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
-from .linprobe import (RUN_RULES, add_run_args, check_channels, cli, eval_transform, evaluate, labelled_splits,
+from ..runtime.lock import lock_run_dir, releasing_locks
+from .linprobe import (RUN_RULES, _say, add_run_args, check_channels, cli, eval_transform, evaluate, labelled_splits,
                        load_encoder, metrics_logger, norm_stats, summarise)
 from ..runtime.metrics import require_wandb
 from ..runtime.summary import write_results
@@ -237,6 +239,19 @@ def _keep_zero_bit_posterize(randaug) -> None:
             op.aug_fn = posterize_keep_bits
 
 
+_RANDAUG_FORM = ("write 'rand' then '-' separated KEYVALUE sections, KEY one of m (magnitude), n (ops per image), "
+                 "mstd, mmax, inc, p, w, e.g. rand-m9-mstd0.5-inc1, or '' for none")
+_RANDAUG_KEY = re.compile(r"^(mstd|mmax|inc|m|n|p|w)(\d+(\.\d*)?|\.\d+)$")
+
+
+def check_randaug(spec: str) -> None:
+    """Refuse a malformed timm RandAugment spec by name (timm itself only asserts)."""
+    parts = spec.split("-")
+    bad = next((p for p in parts[1:] if not _RANDAUG_KEY.match(p)), None) if parts[0] == "rand" else parts[0]
+    if bad is not None:
+        raise ValueError(f"--randaug {spec!r}: cannot read section {bad!r}; {_RANDAUG_FORM}")
+
+
 class FinetuneAugment:
     """RandomResizedCrop + flip (the trainer's), then timm's RandAugment when installed, then normalise."""
 
@@ -246,10 +261,15 @@ class FinetuneAugment:
         self.crop = data_mod.Augment(img_size, (0.08, 1.0), (3 / 4, 4 / 3), True, zero, one)   # unnormalised
         self.randaug = None
         if randaug:
+            check_randaug(randaug)
             try:
                 from timm.data.auto_augment import rand_augment_transform
                 fill = tuple(round(255 * m) for m in self.mean)
-                self.randaug = rand_augment_transform(randaug, {"img_mean": fill})
+                try:
+                    self.randaug = rand_augment_transform(randaug, {"img_mean": fill})
+                except (AssertionError, ValueError, KeyError, IndexError) as e:   # timm asserts on bad specs
+                    raise ValueError(f"--randaug {randaug!r} is not a RandAugment spec timm accepts ({e or 'rejected'}); "
+                                     f"{_RANDAUG_FORM}") from None
                 _keep_zero_bit_posterize(self.randaug)
             except ImportError:
                 warnings.warn("RandAugment skipped: it needs timm (pip install timm)", stacklevel=2)
@@ -309,10 +329,17 @@ FINETUNE_RULES = {**RUN_RULES, "steps": config_mod.optional(config_mod.at_least(
                   "clip_grad": config_mod.optional(config_mod.positive())}
 
 
+def _check_randaug_flag(args) -> None:
+    if args.randaug:
+        check_randaug(args.randaug)
+
+
+@releasing_locks
 def run(argv=None) -> dict:
     """Fine-tune; returns the final {'top1', 'top5', 'losses', ...}. Raises on bad input."""
     args = build_parser().parse_args(argv)
     config_mod.check_args(args, FINETUNE_RULES)
+    _check_randaug_flag(args)          # before anything is loaded
     if args.batch_size < 1 or (args.batch_size % 2 and (args.mixup > 0 or args.cutmix > 0)):
         raise ValueError(f"--batch-size must be a positive even number with mixup / cutmix (images are mixed in "
                          f"pairs); got {args.batch_size}")
@@ -327,8 +354,7 @@ def run(argv=None) -> dict:
 
     dist_info = init_distributed(args.device)
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world
-    if dist_info.is_main:
-        os.makedirs(args.out, exist_ok=True)
+    lock_run_dir(args.out, dist_info.is_main, "finetune", args.force)   # its own directory, one run at a time
     collectives.barrier()
     torch.manual_seed(args.seed)                      # the same head on every rank
     model = Classifier(encoder, num_classes, args.drop_path, args.cls_token)
@@ -352,7 +378,7 @@ def run(argv=None) -> dict:
     ckpt = Checkpointer(args.out, args.keep, rank, world)
     step, last = 0, None
     if args.resume:
-        path = ckpt.resolve(args.resume)
+        path = ckpt.resolve(args.resume, say=_say(dist_info))
         if path is not None:
             saved, state = ckpt.load(path, model, optimizer)
             if saved.get("task") != "finetune":

@@ -40,6 +40,7 @@ from .. import data as data_mod
 from .. import interop, ops
 from ..runtime import collectives
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
+from ..runtime.lock import lock_run_dir, release_all, releasing_locks
 from ..runtime.metrics import MetricsLogger, require_wandb
 from ..runtime.parallel import Dist, init_distributed
 from ..runtime.schedule import lr_at, scaled_lr, set_lr
@@ -200,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_run_args(p, log_every: int) -> None:
     """Flags every evaluation command shares: resume, checkpoint/eval/log cadence, seed, device."""
     p.add_argument("--resume", default=None, help="'latest' (newest checkpoint in --out) or a checkpoint directory")
+    p.add_argument("--force", action="store_true",
+                   help="write into an --out that holds another command's files (they are kept unless replaced)")
     p.add_argument("--ckpt-every", type=int, default=1, help="checkpoint every K epochs (and at the end)")
     p.add_argument("--keep", type=int, default=2, help="keep the last K checkpoints")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every K epochs (and at the end)")
@@ -210,6 +213,11 @@ def add_run_args(p, log_every: int) -> None:
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
                    help="also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works offline)")
     p.add_argument("--wandb-project", default="randsac_fast", help="Weights & Biases project of --wandb")
+
+
+def _say(dist_info):
+    """Print a line to stderr on rank 0 only (what ``--resume latest`` skipped)."""
+    return lambda text: print(text, file=sys.stderr, flush=True) if dist_info.is_main else None
 
 
 def metrics_logger(args, enabled: bool, total: int, step: int) -> MetricsLogger:
@@ -224,10 +232,11 @@ RUN_RULES = {"out": config_mod.writable_dir(), "epochs": config_mod.positive(),
              "blr": config_mod.positive(), "min_lr": config_mod.non_negative(),
              "ckpt_every": config_mod.at_least(1), "keep": config_mod.at_least(1),
              "eval_every": config_mod.at_least(1), "log_every": config_mod.at_least(1),
-             "workers": config_mod.at_least(0), "seed": config_mod.integer(),
+             "workers": config_mod.at_least(0), "seed": config_mod.seed_value(),
              "device": config_mod.RULES["device"]}
 
 
+@releasing_locks
 def run(argv=None) -> dict:
     """Train the probe; returns the final {'top1', 'top5', ...}. Raises on bad input."""
     args = build_parser().parse_args(argv)
@@ -247,8 +256,7 @@ def run(argv=None) -> dict:
 
     dist_info = init_distributed(args.device)
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world
-    if dist_info.is_main:
-        os.makedirs(args.out, exist_ok=True)
+    lock_run_dir(args.out, dist_info.is_main, "linprobe", args.force)   # its own directory, one run at a time
     collectives.barrier()
     torch.manual_seed(args.seed)                       # the same head on every rank
     encoder = encoder.to(device).eval().requires_grad_(False)
@@ -272,7 +280,7 @@ def run(argv=None) -> dict:
     ckpt = Checkpointer(args.out, args.keep, rank, world)
     step, last = 0, None
     if args.resume:
-        path = ckpt.resolve(args.resume)
+        path = ckpt.resolve(args.resume, say=_say(dist_info))
         if path is not None:
             saved, state = ckpt.load(path, ddp_head, optimizer)
             if saved.get("task") != "linprobe":
@@ -338,12 +346,17 @@ def run(argv=None) -> dict:
 def cli(run_fn, argv=None, summarise=None) -> int:
     """Run an evaluation command: bad input -> one line on stderr and exit code 1, no traceback;
     success -> ``summarise(args, result)`` on rank 0 (the closing summary)."""
+    from .. import started
+    started()                    # Ctrl-C is this command's to handle from here
     def body(argv):
         result = run_fn(argv)
         if summarise is not None and dist.is_initialized() and dist.get_rank() == 0:
             summarise(run_fn.__module__, argv, result)
-    return run_command(body, argv, errors=(ValueError, TypeError, OSError, ImportError,
-                                           ops.BackendUnavailable))
+    try:
+        return run_command(body, argv, errors=(ValueError, TypeError, OSError, ImportError,
+                                               ops.BackendUnavailable))
+    finally:
+        release_all()           # the run-directory lock
 
 
 def summarise(module: str, argv, result: dict) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import torch
 from torch import Tensor, nn
@@ -78,9 +77,5 @@ def _digits_pixel_accuracy(img_size: int, mean: tuple, std: tuple) -> float:
 
 def save_json(obj: dict, path: str) -> None:
     """Write ``path`` atomically (a reader never sees half a file) and durably."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from ..outputs import atomic_text
+    atomic_text(path, json.dumps(obj, indent=2))

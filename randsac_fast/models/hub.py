@@ -83,10 +83,11 @@ class PretrainedMixin:
     """``save_pretrained(directory)`` and ``cls.from_pretrained(directory_or_repo_id)`` for a model
     whose ``__init__`` takes its config dataclass's fields as keyword arguments."""
 
-    def save_pretrained(self, directory: str, *, metadata: dict | None = None) -> str:
+    def save_pretrained(self, directory: str, *, metadata: dict | None = None, force: bool = False) -> str:
         """Write ``directory/config.json`` (the model's config, ``metadata`` — JSON values, e.g. the
         normalisation mean/std — and the package version) and ``directory/model.safetensors``.
-        Returns ``directory``."""
+        Returns ``directory``. A directory holding another command's files (a run directory, a timm
+        export) is refused with ``randsac_fast.outputs.OutputRefused`` unless ``force``."""
         from safetensors.torch import save_file
 
         from .. import __version__
@@ -97,10 +98,12 @@ class PretrainedMixin:
                   "config": dataclasses.asdict(self.config), "randsac_fast_version": __version__,
                   "metadata": dict(metadata or {})}
         text = json.dumps(config, indent=2)        # before writing anything: metadata must be JSON
-        os.makedirs(directory, exist_ok=True)
-        save_file(weights, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(directory, CONFIG_NAME), "w") as fh:
-            fh.write(text + "\n")
+        from ..outputs import atomic_text, atomic_write, claim_dir
+        claim_dir(directory, "interop pretrained", force=force)
+        # temporary name + fsync + rename: an interrupted save leaves the previous files whole
+        atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}),
+                     "interop pretrained")
+        atomic_text(os.path.join(directory, CONFIG_NAME), text + "\n", "interop pretrained")
         return directory
 
     @classmethod

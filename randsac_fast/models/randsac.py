@@ -31,7 +31,7 @@ from .. import ops
 from ..orders import SENTINEL, SegmentOrder
 from ..ops import SegmentBounds, segment_bounds
 from .hub import PretrainedMixin
-from .vit import DecoderBlock, LayerNorm, ViTEncoder, check_common_config, gather_rows, init_weights
+from .vit import DecoderBlock, LayerNorm, ViTEncoder, check_common_config, gather_rows, heads_fix, init_weights
 
 
 @dataclass
@@ -54,6 +54,14 @@ class RandSACConfig:
 
     def __post_init__(self):
         check_common_config(self)
+        if isinstance(self.decoder_depth, bool) or not isinstance(self.decoder_depth, int) or self.decoder_depth < 1:
+            raise ValueError(f"decoder_depth must be an integer >= 1; got {self.decoder_depth!r}")
+        heads = self.decoder_num_heads
+        if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+            raise ValueError(f"decoder_num_heads must be an integer >= 1 or None (the encoder's); got {heads!r}")
+        if heads is not None and self.embed_dim % heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by decoder_num_heads {heads}; "
+                             + heads_fix(self.embed_dim, heads, "decoder_num_heads"))
 
 
 @dataclass
@@ -173,7 +181,7 @@ class RandSAC(ViTEncoder, PretrainedMixin):
 
     def forward_permuted(self, images: Tensor, order: SegmentOrder, pad: bool | None = None):
         """-> (pred [B, Ld, P*P*C] in serial order, split)."""
-        self.check_order(order)
+        self.check_order(order, images)
         split = split_order(order.to(images.device), pad)
         enc, dec, cross = split.bounds(causal=order.segment_size == 1 and not pad)
         memory = self.forward_encoder(images, split, enc)

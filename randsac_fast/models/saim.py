@@ -86,7 +86,7 @@ class SAIM(ViTEncoder, PretrainedMixin):
 
     def forward_saim(self, images: Tensor, order: SegmentOrder) -> Tensor:
         """-> predictions [B, N, P*P*C] for the tokens in serial order."""
-        self.check_order(order)
+        self.check_order(order, images)
         order = order.to(images.device)
         content, query = self.bounds(order)
         h = self.content_input(images, order.perm)

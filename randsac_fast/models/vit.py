@@ -76,7 +76,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}; {heads_fix(dim, num_heads)}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.backend = backend
@@ -181,9 +181,38 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def _whole(cfg, name: str, minimum: int = 1) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def heads_fix(dim: int, heads: int, what: str = "num_heads") -> str:
+    """'use num_heads 2 or 4 (divisors of 192 near 3), or an embed_dim divisible by 5'."""
+    near = sorted((d for d in range(1, dim + 1) if dim % d == 0), key=lambda d: (abs(d - heads), d))[:2]
+    return (f"use {what} {' or '.join(map(str, sorted(near)))} (divisors of {dim} near {heads}), or an embed_dim "
+            f"that is a multiple of {heads}")
+
+
 def check_common_config(cfg) -> None:
-    """In place: img_size -> (H, W); validate the fields both model configs share."""
+    """In place: img_size -> (H, W); validate the fields both model configs share, by name."""
+    from ..ops import BACKENDS
+    if isinstance(cfg.img_size, bool) or not isinstance(cfg.img_size, (int, tuple, list)):
+        raise ValueError(f"img_size must be an integer >= 1 or a pair (H, W); got {cfg.img_size!r}")
+    given = cfg.img_size
     cfg.img_size = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
+    if len(cfg.img_size) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in cfg.img_size):
+        raise ValueError(f"img_size must be an integer >= 1 or a pair (H, W) of them; got {given!r}")
+    for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+        _whole(cfg, name)
+    _whole(cfg, "blur_kernel", 0)
+    if cfg.embed_dim % cfg.num_heads:
+        raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}; "
+                         + heads_fix(cfg.embed_dim, cfg.num_heads))
+    if isinstance(cfg.mlp_ratio, bool) or not isinstance(cfg.mlp_ratio, (int, float)) or not cfg.mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be a number > 0; got {cfg.mlp_ratio!r}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
     if cfg.loss not in ("mse", "l1"):
         raise ValueError(f"loss must be 'mse' or 'l1'; got {cfg.loss!r}")
 
@@ -221,7 +250,24 @@ class ViTEncoder(nn.Module):
         seg = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
         return segment_bounds(seg, seg, inclusive=True)
 
-    def check_order(self, order) -> None:
+    def check_order(self, order, images: Tensor | None = None) -> None:
+        """The model's inputs, by name: ``images`` a float [B, C, H, W] tensor, ``order`` a
+        SegmentOrder of this grid and of the same batch."""
+        from ..orders import SegmentOrder
+        if not isinstance(order, SegmentOrder):
+            raise TypeError(f"order must be a randsac_fast.orders.SegmentOrder; got {type(order).__name__} "
+                            f"{order!r:.40} — draw one with orders.sample(spec, batch, grid={self.grid})")
+        if images is not None:
+            if not isinstance(images, Tensor):
+                raise TypeError(f"images must be a torch.Tensor [B, C, H, W]; got {type(images).__name__}")
+            if not images.is_floating_point():
+                raise TypeError(f"images must be a floating-point tensor (normalised pixels); got {images.dtype} — "
+                                "convert with images.float() / 255 and normalise by the data's mean / std")
+            if images.device.type == "meta":
+                raise ValueError("images are on the meta device (no data); pass a tensor with values")
+            if images.dim() >= 1 and order.batch != images.shape[0]:
+                raise ValueError(f"order is for a batch of {order.batch} but images hold {images.shape[0]}; draw "
+                                 f"the order with batch={images.shape[0]}")
         if order.num_tokens != self.num_tokens:
             raise ValueError(f"order has {order.num_tokens} tokens but the model's grid {self.grid} has "
                              f"{self.num_tokens}; sample the order with grid={self.grid}")

@@ -47,6 +47,13 @@ def integer(value, name: str, *, minimum: int) -> int:
     return int(value)
 
 
+def with_data(t, name: str) -> None:
+    """``t`` holds values: not a meta tensor (shapes only), which no backend can compute with."""
+    if isinstance(t, Tensor) and t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without values); pass a tensor on cpu or cuda "
+                         "(e.g. build the model, then .to_empty(device=...) and load weights)")
+
+
 def _where_bad(t: Tensor) -> str:
     """'NaN at index (0, 1, 3, 2)' for the first non-finite element (one sync; only on error)."""
     bad = ~torch.isfinite(t)
@@ -90,6 +97,7 @@ def attention_args(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Tensor
 def target_args(images: Tensor, patch_size, blur_kernel, blur_sigma, norm_pix) -> bool:
     """``patch_targets`` / ``patch_loss``'s scalar arguments, and the images when checks are on.
     Returns norm_pix as a bool. (Tensor shapes and layouts are checked by the ops themselves.)"""
+    with_data(images, "images")
     integer(patch_size, "patch_size", minimum=1)
     integer(blur_kernel, "blur_kernel", minimum=0)
     norm_pix = flag(norm_pix, "norm_pix")

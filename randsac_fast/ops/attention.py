@@ -80,6 +80,10 @@ def validate(q: Tensor, k: Tensor, v: Tensor, seg_q: Tensor, seg_k: Tensor, scal
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
         if t.dtype not in _FLOAT:
             raise TypeError(f"{name} must be fp16, bf16, fp32 or fp64; got {t.dtype}")
+        _validate.with_data(t, name)
+        if t.shape[-1] < 1:
+            raise ValueError(f"{name} has head dim D = 0 (shape {tuple(t.shape)}); D must be >= 1 — check "
+                             "embed_dim / num_heads")
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim (stride 1); got strides {t.stride()} "
                              f"— call .contiguous() on it")

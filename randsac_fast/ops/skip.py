@@ -44,6 +44,8 @@ def skip_memory(hidden: Tensor | Sequence[Tensor], weight: Tensor, *, backend: s
         raise ValueError(f"weight is on {weight.device} but hidden is on {first.device}")
     if not first.is_floating_point() or not weight.is_floating_point():
         raise TypeError(f"hidden and weight must be floating point; got {first.dtype}, {weight.dtype}")
+    _validate.with_data(first, "hidden")
+    _validate.with_data(weight, "weight")
     _validate.skip_args(states, weight)
     b, n, d = first.shape
     fn = resolve("skip_memory", backend, _TABLE, first.device,

@@ -253,6 +253,21 @@ class Checkpointer:
             found.append(dict(path=path, name=name, step=step, branch=branch, serial=serial, meta=meta))
         return sorted(found, key=lambda e: (e["serial"], e["step"], e["branch"]))
 
+    def incomplete(self) -> list[tuple[str, str]]:
+        """Checkpoint-like directories that are not committed checkpoints, with the reason:
+        ``step_X`` without meta.json (files removed or copied in part) and unfinished saves."""
+        if not os.path.isdir(self.root):
+            return []
+        found = []
+        for name in sorted(os.listdir(self.root)):
+            path = os.path.join(self.root, name)
+            if _CKPT_DIR.match(name) and not os.path.exists(os.path.join(path, _META)):
+                found.append((path, "it has no meta.json (an incomplete copy, or files were removed); it is kept, "
+                                    "not read"))
+            elif name.startswith(".tmp_step_"):
+                found.append((path, "an unfinished save (interrupted); the next save removes it"))
+        return found
+
     def complete(self) -> list[str]:
         """Committed checkpoint directories, oldest save first."""
         return [e["path"] for e in self.entries()]
@@ -275,7 +290,9 @@ class Checkpointer:
                         else "; no intact checkpoint is left in this run")
                 raise DamagedCheckpoint(f"--resume {resume}: the checkpoint is damaged: {problem}{hint}")
             return resume
-        entries = _broadcast(self.entries() if self.rank == 0 else None)   # one list for every rank
+        entries, passed = _broadcast((self.entries(), self.incomplete()) if self.rank == 0 else None)
+        for path, why in passed:     # never silently: every directory passed over is named
+            (say or print)(f"warning: --resume latest skips {path}: {why}")
         damaged = []
         for e in reversed(entries):
             problem = self.verify(e["path"])

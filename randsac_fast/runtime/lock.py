@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 
-__all__ = ["RunLocked", "RunLock", "lock_run_dir", "release_all", "HEARTBEAT_S", "STALE_AFTER_S"]
+__all__ = ["RunLocked", "RunLock", "lock_run_dir", "release_all", "releasing_locks", "HEARTBEAT_S", "STALE_AFTER_S"]
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
@@ -66,8 +66,9 @@ class RunLock:
         return (f"--out {self.out} is in use by another run ({who}); wait for it to finish, stop it, "
                 "or choose another --out")
 
-    def acquire(self) -> "RunLock":
-        """Take the lock or raise RunLocked naming the holder."""
+    def acquire(self, name_holder: bool = True) -> "RunLock":
+        """Take the lock or raise RunLocked naming the holder. ``name_holder=False`` leaves the
+        file's bytes as they are until :meth:`name_holder` (a claim that may still be refused)."""
         os.makedirs(self.out, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -79,11 +80,17 @@ class RunLock:
             if e.errno not in _UNSUPPORTED:
                 raise
             return self._acquire_fallback()
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(_holder()).encode())
         self._fd = fd
         _held.append(self)
+        if name_holder:
+            self.name_holder()
         return self
+
+    def name_holder(self) -> None:
+        """Record this process (host, pid, start) in the lock file, for another run's error message."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, json.dumps(_holder()).encode(), 0)
 
     def _stale(self) -> bool:
         try:
@@ -141,23 +148,51 @@ class RunLock:
             _held.remove(self)
 
 
-def lock_run_dir(out_dir: str, is_main: bool) -> RunLock | None:
-    """Collective: rank 0 takes the lock; every rank raises the same RunLocked if it is held."""
+def lock_run_dir(out_dir: str, is_main: bool, command: str | None = None, force: bool = False) -> RunLock | None:
+    """Collective: rank 0 takes the lock; every rank raises the same RunLocked if it is held.
+    With ``command``, rank 0 also claims the directory for it (``randsac_fast.outputs.claim_dir``): a
+    directory holding another command's files is refused, on every rank, before anything is written."""
     import torch.distributed as dist
+    from ..outputs import OutputRefused, check_dir, claim_dir, disk_message
     from . import collectives
     lock, error = None, None
     if is_main:
         try:
-            lock = RunLock(out_dir).acquire()
-        except RunLocked as e:
+            if command is not None and not os.path.exists(os.path.join(out_dir, ".lock")):
+                check_dir(out_dir, command, force=force)    # before a lock file is created there
+            lock = RunLock(out_dir).acquire(name_holder=False)   # a live run's lock is named first
+            if command is not None:
+                claim_dir(out_dir, command, force=force)    # again, now under the lock
+            lock.name_holder()                              # only now is anything written there
+        except (RunLocked, OutputRefused) as e:
             error = str(e)
-        except OSError as e:   # e.g. --out is a file, or read-only
-            error = f"--out {out_dir}: cannot be used as a run directory ({e.strerror or e})"
+        except OSError as e:   # e.g. --out is a file, or read-only, or the disk is full
+            error = f"--out {out_dir}: cannot be used as a run directory ({disk_message(e, out_dir)})"
+        if error and lock is not None:
+            lock.release()
+            lock = None
     if dist.is_initialized() and dist.get_world_size() > 1:
         error = collectives.broadcast_object(error)
     if error:
         raise RunLocked(error)
     return lock
+
+
+def releasing_locks(fn):
+    """Decorate a run: the locks it took are released when it returns or raises (those held before
+    stay), so a program may call it again on the same directory."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = list(_held)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for lock in list(_held):
+                if lock not in before:
+                    lock.release()
+    return wrapper
 
 
 def release_all() -> None:

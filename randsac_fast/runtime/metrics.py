@@ -135,8 +135,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         step = record["step"]
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:   # a full disk: one line naming the file and the free space, no traceback
+            from ..outputs import OutputError, disk_message
+            raise OutputError(e.errno, disk_message(e, self.file.name)) from None
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:
             for k, v in scalars.items():

@@ -71,11 +71,18 @@ def report_error(text: str) -> None:
 
 
 def run_command(body, argv=None, errors: tuple = (ValueError, FileNotFoundError, ImportError)) -> int:
-    """Run ``body(argv)``; return 0, or 1 after one error line for an exception in ``errors`` (or a
-    lost peer). Ends the process group either way."""
+    """Run ``body(argv)``; return 0, or 1 after one error line for an exception in ``errors``, a
+    file-system failure (full disk, read-only, a file where a directory should be: the path and the
+    free space) or a lost peer. Ends the process group either way."""
     try:
         code = body(argv)
         return code if isinstance(code, int) else 0
+    except OSError as e:
+        from ..outputs import DISK_ERRNOS, disk_message
+        if not (isinstance(e, errors) or e.errno in DISK_ERRNOS):
+            raise
+        report_error(disk_message(e) if e.errno in DISK_ERRNOS and type(e).__name__ != "OutputError" else str(e))
+        return 1
     except errors as e:
         report_error(str(e))
         return 1
@@ -113,11 +120,8 @@ def print_summary(title: str, rows: dict, next_steps: dict | None = None, file=N
 
 def write_results(out_dir: str, result: dict, name: str = "results.json") -> str:
     """Write ``result`` as JSON under ``out_dir``; return the path."""
-    path = os.path.join(out_dir, name)
-    with open(path, "w") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
-    return path
+    from ..outputs import atomic_text
+    return atomic_text(os.path.join(out_dir, name), json.dumps(result, indent=2) + "\n")
 
 
 def metrics_rows(out_dir: str) -> dict:

@@ -28,6 +28,7 @@ from ..runtime.batch import plan_batch
 from ..runtime import collectives
 from ..runtime.checkpoint import Checkpointer, NonFiniteState, read_meta, rng_state, set_rng_state
 from ..runtime.lock import lock_run_dir, release_all
+from ..outputs import atomic_text
 from ..runtime.preempt import EXIT_PREEMPTED, Preempted, Preemption
 from ..runtime.resume_config import check_resume
 from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops, require_wandb
@@ -81,7 +82,8 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world
         if self.dist.is_main:
             os.makedirs(t.out, exist_ok=True)
-        self.lock = lock_run_dir(t.out, self.dist.is_main)   # one run per directory; raises on every rank
+        # one run per directory, and only a directory of its own (randsac_fast.outputs); raises on every rank
+        self.lock = lock_run_dir(t.out, self.dist.is_main, "train", t.force)
         collectives.barrier()
 
         # ---- data: per-rank shards, MAE augmentation ---------------------------------------
@@ -145,8 +147,7 @@ class Trainer:
                                  "them (a new branch; nothing is deleted)")
             self._say(f"--force: starting from scratch; the checkpoints in {t.out} are kept, this run writes a new branch")
         if self.dist.is_main:   # only once the resume is known to be valid: a refused one changes nothing
-            with open(os.path.join(t.out, "config.json"), "w") as fh:
-                fh.write(config_mod.dumps(cfg))
+            atomic_text(os.path.join(t.out, "config.json"), config_mod.dumps(cfg), "train")
             print(f"config ({cfg.preset} preset + flags):\n{config_mod.dumps(cfg)}", flush=True)
         self.metrics = MetricsLogger(t.out, self.dist.is_main, self.total_steps, self.step,
                                      config=config_mod.to_dict(cfg), metric_tags=("loss", "knn_top1"),
@@ -321,6 +322,8 @@ class Trainer:
 
 
 def main(argv=None) -> int:
+    from .. import started
+    started()                # Ctrl-C is this command's to handle from here
     cfg = config_mod.parse_args(argv)
     try:
         return run_command(lambda _: _run(cfg), errors=(ValueError, FileNotFoundError, ImportError, TrainingError,
