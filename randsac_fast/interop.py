@@ -646,7 +646,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name for a state-dict file, e.g. randsac_vit_tiny")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="model config overrides, comma-separated (or repeated), e.g. --set num_heads=3,img_size=32")
-    p.add_argument("--backend", default="auto", help="attention backend (default auto)")
+    p.add_argument("--backend", default="auto", help="attention backend")
 
 
 def _add_norm_args(p: argparse.ArgumentParser) -> None:

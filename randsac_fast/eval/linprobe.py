@@ -41,7 +41,7 @@ from .. import interop, ops
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
 from ..runtime.metrics import MetricsLogger, require_wandb
 from ..runtime.parallel import Dist, init_distributed
-from ..runtime.schedule import lr_at, scaled_lr, set_lr
+from ..runtime.schedule import fit_warmup, lr_at, scaled_lr, set_lr
 from ..runtime.summary import command, eval_summary, run_command, write_results
 
 __all__ = ["labelled_splits", "load_encoder", "eval_transform", "evaluate", "ProbeHead", "run", "main"]
@@ -179,7 +179,8 @@ class ProbeHead(nn.Sequential):
 def build_parser() -> argparse.ArgumentParser:
     p = config_mod.Parser(prog="python -m randsac_fast.linprobe",
                                 description="Linear probe of a frozen RandSAC / SAIM encoder (torchrun for "
-                                            "several processes).")
+                                            "several processes).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     interop.add_checkpoint_args(p)
     p.add_argument("--data", required=True, help="digits, a directory with train/ and val/, or CIFAR pickles")
     p.add_argument("--out", default="runs/linprobe", help="run directory: metrics.jsonl, checkpoints")
@@ -205,10 +206,19 @@ def add_run_args(p, log_every: int) -> None:
     p.add_argument("--log-every", type=int, default=log_every, help="log metrics every K steps (and at each evaluation)")
     p.add_argument("--seed", type=int, default=0, help="random seed (init, data order, augmentation)")
     p.add_argument("--workers", type=int, default=0, help="dataloader worker processes per rank")
-    p.add_argument("--device", default="auto", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
                    help="also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works offline)")
     p.add_argument("--wandb-project", default="randsac_fast", help="Weights & Biases project of --wandb")
+
+
+def fitted_warmup(args, per_epoch: int, total: int, say: bool) -> int:
+    """--warmup-epochs in steps, scaled to a tenth of the run when longer than half of it (one
+    warning line on rank 0; :func:`randsac_fast.runtime.schedule.fit_warmup`)."""
+    warmup, note = fit_warmup(round(args.warmup_epochs * per_epoch), total, f"--warmup-epochs {args.warmup_epochs:g}")
+    if note and say:
+        print(note, file=sys.stderr, flush=True)
+    return warmup
 
 
 def metrics_logger(args, enabled: bool, total: int, step: int) -> MetricsLogger:
@@ -261,7 +271,7 @@ def run(argv=None) -> dict:
     batches = data_mod.ShardedBatches(len(train_src), args.batch_size, rank, world, args.seed)
     per_epoch = batches.per_epoch
     total = max(1, round(args.epochs * per_epoch))
-    warmup = round(args.warmup_epochs * per_epoch)
+    warmup = fitted_warmup(args, per_epoch, total, dist_info.is_main)
     global_batch = args.batch_size * world
     peak_lr = scaled_lr(args.blr, global_batch)
     optimizer = torch.optim.SGD(ddp_head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=0.0)
