@@ -231,6 +231,8 @@ def run(argv=None) -> dict:
         if any(f == flag or f.startswith(flag + "=") for f in train_flags):
             raise ValueError(f"{flag} is set per cell by the ablation; use --specs / --seeds / --out instead")
     base = config_mod.parse_args(["--preset", args.preset, *train_flags, "--probe", "false"])
+    from .runtime.threads import set_threads
+    print(set_threads(base.train.threads), file=sys.stderr, flush=True)   # the evaluations run here too
     os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
     grid = (base.model.img_size // base.model.patch_size,) * 2
     runnable, skipped = [], {}

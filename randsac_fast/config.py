@@ -124,6 +124,8 @@ class TrainConfig:
     knn_k: int = doc("neighbours of the k-NN monitor", 20)
     knn_images: int | None = doc("at most this many images of each k-NN split (None: all)", 10000)
     device: str = doc("cuda or cpu (default: cuda when available)", "auto")
+    threads: int | None = doc("intra-op CPU threads per process (None: OMP_NUM_THREADS when set, else the cores "
+                              "available to this process / the processes on this node, as torchrun sets them)")
     wandb: bool = doc("also log to Weights & Biases (pip install wandb; WANDB_MODE=offline logs without an "
                       "account)", False)
     wandb_project: str = doc("Weights & Biases project of --wandb", "randsac_fast")
@@ -781,7 +783,7 @@ RULES: dict[str, Rule] = {
     "compile": one_of("none", "block", "whole", "whole-cudagraphs"),
     "fsdp_units": one_of("auto", "block", "root"),
     "ac": boolean(), "master_weights": boolean(), "probe": boolean(), "knn_every": at_least(0), "knn_k": at_least(1),
-    "knn_images": optional(at_least(1)), "device": Rule(_device, "auto, cpu or cuda"),
+    "knn_images": optional(at_least(1)), "device": Rule(_device, "auto, cpu or cuda"), "threads": optional(at_least(1)),
     "wandb": boolean(), "wandb_project": text(), "allow_changed": boolean(), "force": boolean(),
 }
 

@@ -36,7 +36,7 @@ from .. import data as data_mod
 from .. import interop, ops
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
 from .linprobe import (RUN_RULES, add_run_args, check_channels, cli, eval_transform, evaluate, fitted_warmup,
-                       labelled_splits, load_encoder, metrics_logger, norm_stats, summarise)
+                       labelled_splits, load_encoder, metrics_logger, norm_stats, say_threads, summarise)
 from ..runtime.metrics import require_wandb
 from ..runtime.summary import write_results
 from ..runtime.parallel import init_distributed, parallelize
@@ -330,6 +330,7 @@ def run(argv=None) -> dict:
 
     dist_info = init_distributed(args.device)
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world
+    say_threads(args.threads, dist_info.is_main)
     if dist_info.is_main:
         os.makedirs(args.out, exist_ok=True)
     dist.barrier()

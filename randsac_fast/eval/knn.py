@@ -171,6 +171,8 @@ def build_parser():
     p.add_argument("--out", default=None, help="also write results.json in this directory (None: print only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --images subset")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads per process (None: OMP_NUM_THREADS, else the cores available / local ranks)")
     return p
 
 
@@ -180,17 +182,18 @@ def run(argv=None) -> dict:
     from .. import interop
     from ..runtime.parallel import init_distributed
     from ..runtime.summary import write_results
-    from .linprobe import check_channels, labelled_splits, load_encoder, norm_stats
+    from .linprobe import check_channels, labelled_splits, load_encoder, norm_stats, say_threads
     args = build_parser().parse_args(argv)
     config_mod.check_args(args, {"k": config_mod.at_least(1), "temperature": config_mod.positive(),
                                  "images": config_mod.optional(config_mod.at_least(1)),
                                  "batch_size": config_mod.at_least(1), "seed": config_mod.integer(),
-                                 "device": config_mod.RULES["device"]})
+                                 "device": config_mod.RULES["device"], "threads": config_mod.RULES["threads"]})
     train_src, _ = labelled_splits(args.data)
     encoder, meta = load_encoder(args.ckpt, args.model, interop.parse_sets(args.set), args.backend)
     check_channels(encoder, train_src, args.ckpt)
     mean, std = norm_stats(meta, train_src)
     dist_info = init_distributed(args.device)
+    say_threads(args.threads, dist_info.is_main)
     loaders = labelled_loaders(args.data, encoder.img_size[0], mean, std, args.batch_size, dist_info.rank,
                                dist_info.world, limit=args.images, seed=args.seed)
     result = knn_evaluate(encoder.to(dist_info.device), *loaders, k=args.k, T=args.temperature, device=dist_info.device)

@@ -42,6 +42,7 @@ from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
 from ..runtime.metrics import MetricsLogger, require_wandb
 from ..runtime.parallel import Dist, init_distributed
 from ..runtime.schedule import fit_warmup, lr_at, scaled_lr, set_lr
+from ..runtime.threads import set_threads
 from ..runtime.summary import command, eval_summary, run_command, write_results
 
 __all__ = ["labelled_splits", "load_encoder", "eval_transform", "evaluate", "ProbeHead", "run", "main"]
@@ -207,9 +208,18 @@ def add_run_args(p, log_every: int) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (init, data order, augmentation)")
     p.add_argument("--workers", type=int, default=0, help="dataloader worker processes per rank")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads per process (None: OMP_NUM_THREADS, else the cores available / local ranks)")
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
                    help="also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works offline)")
     p.add_argument("--wandb-project", default="randsac_fast", help="Weights & Biases project of --wandb")
+
+
+def say_threads(requested: int | None, say: bool) -> None:
+    """Set the intra-op threads (:mod:`randsac_fast.runtime.threads`); rank 0 states the choice."""
+    line = set_threads(requested)
+    if say:
+        print(line, file=sys.stderr, flush=True)
 
 
 def fitted_warmup(args, per_epoch: int, total: int, say: bool) -> int:
@@ -234,7 +244,7 @@ RUN_RULES = {"out": config_mod.writable_dir(), "epochs": config_mod.positive(),
              "ckpt_every": config_mod.at_least(1), "keep": config_mod.at_least(1),
              "eval_every": config_mod.at_least(1), "log_every": config_mod.at_least(1),
              "workers": config_mod.at_least(0), "seed": config_mod.integer(),
-             "device": config_mod.RULES["device"]}
+             "device": config_mod.RULES["device"], "threads": config_mod.RULES["threads"]}
 
 
 def run(argv=None) -> dict:
@@ -256,6 +266,7 @@ def run(argv=None) -> dict:
 
     dist_info = init_distributed(args.device)
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world
+    say_threads(args.threads, dist_info.is_main)
     if dist_info.is_main:
         os.makedirs(args.out, exist_ok=True)
     dist.barrier()

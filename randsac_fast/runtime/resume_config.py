@@ -25,7 +25,7 @@ __all__ = ["SHAPE_FIELDS", "FREE_FIELDS", "compare", "check_resume"]
 SHAPE_FIELDS = ("model", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_depth",
                 "decoder_num_heads", "query_depth", "share_weight", "head", "skip_memory")
 FREE_FIELDS = ("backend", "workers", "knn_data", "out", "resume", "ckpt_every", "keep", "log_every", "compile",
-               "ac", "fsdp_units", "master_weights", "probe", "knn_every", "knn_k", "knn_images", "device", "allow_changed", "force", "wandb",
+               "ac", "fsdp_units", "master_weights", "probe", "knn_every", "knn_k", "knn_images", "device", "threads", "allow_changed", "force", "wandb",
                "wandb_project")
 _SECTIONS = ("model", "data", "optim", "train")
 

@@ -32,6 +32,7 @@ from ..runtime.resume_config import check_resume
 from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops, require_wandb
 from ..runtime.parallel import init_distributed, parallelize
 from ..runtime.schedule import fit_warmup, lr_at, scaled_lr, set_lr
+from ..runtime.threads import set_threads
 from ..runtime.summary import pretrain_summary, run_command
 
 
@@ -66,6 +67,7 @@ class Trainer:
         self.plan = plan_batch(t.batch_size, int(os.environ.get("WORLD_SIZE", 1)), t.accum, t.micro_batch)
         if t.wandb:
             require_wandb()
+        self.threads_line = set_threads(t.threads)  # before any work: torch's default can oversubscribe a CPU
         labelled = d.knn_data or d.data         # an evaluation root (train/ + val/) before it becomes its train/
         d.data = data_mod.pretraining_root(d.data)
         if t.knn_every and d.knn_data is None and labelled != d.data:
@@ -151,7 +153,7 @@ class Trainer:
                                  "--resume latest to continue that run, or --force to start from scratch beside "
                                  "them (a new branch; nothing is deleted)")
             self._say(f"--force: starting from scratch; the checkpoints in {t.out} are kept, this run writes a new branch")
-        for line in [*cfg.notes, *([warmup_note] if warmup_note else [])]:
+        for line in [*cfg.notes, *([warmup_note] if warmup_note else []), self.threads_line]:
             self._say(line)
         if self.dist.is_main:   # only once the resume is known to be valid: a refused one changes nothing
             with open(os.path.join(t.out, "config.json"), "w") as fh:
