@@ -611,8 +611,22 @@ def to_dict(cfg: Config) -> dict:
     return out
 
 
+#: How a run was started, not what it computes: left out of the config a run records, so that
+#: ``--config RUN/config.json`` trains the same run from scratch (not a resume of it).
+_HOW_STARTED = {"resume": None, "allow_changed": False, "force": False}
+
+
+def reproducible(cfg: Config) -> dict:
+    """The config a run records in ``config.json``: its settings without how it was started
+    (``--resume``, ``--allow-changed``, ``--force``), so the file reproduces the run."""
+    out = to_dict(cfg)
+    out["train"].update(_HOW_STARTED)
+    out["flags"] = [f for f in out["flags"] if f not in _HOW_STARTED]
+    return out
+
+
 def dumps(cfg: Config) -> str:
-    return json.dumps(to_dict(cfg), indent=2)
+    return json.dumps(reproducible(cfg), indent=2)
 
 
 # --------------------------------------------------------------------------------------------
