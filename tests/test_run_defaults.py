@@ -94,3 +94,25 @@ def test_a_short_run_with_the_default_warmup_is_scaled_with_a_warning(tmp_path):
     peak = 8e-3 * 16 / 256
     assert lrs[2] == pytest.approx(peak) and lrs[2] == pytest.approx(lr_at(1, 20, 2, peak))   # peak reached at step 2
     assert lrs[20] < lrs[10] < peak                                                           # then the cosine decay
+
+
+def test_missing_pillow_is_one_line_before_any_worker_starts(tmp_path, monkeypatch):
+    import sys
+    import tomllib
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"), "rb") as fh:
+        deps = tomllib.load(fh)["project"]["dependencies"]
+    assert any(d.lower().startswith("pillow") for d in deps)             # installed with the package
+    from PIL import Image
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / "data" / cls)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / cls / "0.png")
+    monkeypatch.setitem(sys.modules, "PIL", None)                        # `from PIL import Image` fails
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = train.main(["--data", str(tmp_path / "data"), *TINY, "--img-size", "8", "--patch-size", "2",
+                           "--batch-size", "2", "--steps", "1", "--workers", "2", "--out", str(tmp_path / "run")])
+    err = err.getvalue()
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: image files need Pillow") and "pip install pillow" in lines[-1]
+    assert "Traceback" not in err and "DataLoader worker" not in err
