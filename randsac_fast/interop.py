@@ -296,6 +296,7 @@ def save_state_dict(state_dict: dict[str, Tensor], path: str, *, safetensors: bo
             raise ImportError("--safetensors needs the 'safetensors' package: pip install safetensors "
                               "(or drop --safetensors to write a torch .pt file)") from None
         save_file(state_dict, path, metadata=metadata)
+        models.hub.normal_file_mode(path)   # safetensors creates its files 0600; torch.save's get the umask's mode
     else:
         torch.save(state_dict, path)
 

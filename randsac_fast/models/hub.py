@@ -99,6 +99,7 @@ class PretrainedMixin:
         text = json.dumps(config, indent=2)        # before writing anything: metadata must be JSON
         os.makedirs(directory, exist_ok=True)
         save_file(weights, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        normal_file_mode(os.path.join(directory, WEIGHTS_NAME))
         with open(os.path.join(directory, CONFIG_NAME), "w") as fh:
             fh.write(text + "\n")
         return directory
@@ -133,3 +134,11 @@ class PretrainedMixin:
         model.load_state_dict(weights)
         model.pretrained_metadata = saved.get("metadata", {})
         return model.eval()
+
+
+def normal_file_mode(path: str) -> None:
+    """Give a file the mode an ordinary new file gets, 0666 minus the umask (0644 under 022):
+    safetensors creates its files 0600, readable by their owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
