@@ -653,9 +653,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 def _add_norm_args(p: argparse.ArgumentParser) -> None:
     from .config import comma_list
     p.add_argument("--mean", type=comma_list(float), nargs="+", default=None,
-                   help="normalisation mean per channel to record, comma-separated (default: the run's)")
+                   help="normalisation mean to record, one value per channel: comma-separated (0.5,0.5,0.5; "
+                        "spaces also work) (default: the run's)")
     p.add_argument("--std", type=comma_list(float), nargs="+", default=None,
-                   help="normalisation std per channel to record, comma-separated (default: the run's)")
+                   help="normalisation std to record, one value per channel: comma-separated (0.25,0.25,0.25; "
+                        "spaces also work) (default: the run's)")
 
 
 def main(argv=None) -> int:

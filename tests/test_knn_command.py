@@ -115,3 +115,13 @@ def test_knn_monitor_takes_an_evaluation_root_and_names_knn_data_otherwise(tmp_p
                            "--out", str(tmp_path / "bad")]) == 1
     line = [l for l in err.getvalue().splitlines() if l.startswith("error:")]
     assert len(line) == 1 and "--knn-data" in line[0] and "--knn-every 1" in line[0]
+
+
+def test_saim_probes_next_fine_tune_keeps_the_cls_token(tmp_path, capsys):
+    from randsac_fast.eval import linprobe
+    result = {"top1": 0.5, "top5": 1.0, "val_images": 40, "results_file": str(tmp_path / "results.json"),
+              "checkpoint": None}
+    linprobe.summarise("randsac_fast.eval.linprobe", ["--ckpt", "ckpt", "--data", "digits", "--cls-token",
+                                                      "--out", str(tmp_path / "lin")], result)
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("fine-tune"))
+    assert "--cls-token" in line.split()

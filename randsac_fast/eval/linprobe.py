@@ -373,7 +373,8 @@ def summarise(module: str, argv, result: dict) -> None:
     task = "linear probe" if module.endswith("linprobe") else "fine-tune"
     steps = None
     if task == "linear probe":
-        model_args = (["--model", args.model] if args.model else []) + [a for s in args.set for a in ("--set", s)]
+        model_args = ((["--model", args.model] if args.model else []) + [a for s in args.set for a in ("--set", s)]
+                      + (["--cls-token"] if args.cls_token else []))      # SAIM: classify from what was probed
         steps = {"fine-tune": command("finetune", "--ckpt", args.ckpt, *model_args, "--data", args.data,
                                       "--out", os.path.join(os.path.dirname(os.path.normpath(args.out)), "finetune"))}
     eval_summary(task, args.out, result.get("checkpoint"), result, result["results_file"], steps)
