@@ -48,4 +48,4 @@ def fit_warmup(warmup: int, total: int, how: str) -> tuple[int, str | None]:
         return warmup, None
     fitted = total // 10
     return fitted, (f"warning: a warm-up of {warmup} steps ({how}) is longer than half of this {total}-step run; "
-                    f"using {fitted} steps (a tenth of the run) — set the warm-up or the run's length to choose")
+                    f"using {fitted} step{'' if fitted == 1 else 's'} (a tenth of the run) — set the warm-up or the run's length to choose")
