@@ -242,6 +242,8 @@ def run(argv=None) -> dict:
         except ValueError as e:
             raise ValueError(f"--specs: {e}") from None
     base = config_mod.parse_args(["--preset", args.preset, *train_flags, "--probe", "false"])
+    from .runtime.threads import set_threads
+    print(set_threads(base.train.threads), file=sys.stderr, flush=True)   # the evaluations run here too
     config_mod.check_args(args, {"out": config_mod.writable_dir()})
     lock = lock_run_dir(args.out, True, "ablate", args.force)   # its own directory, one ablation at a time
     try:

@@ -78,7 +78,9 @@ class OptimConfig:
     weight_decay: float = doc("AdamW weight decay (not applied to biases, norms, 1-D params)", 0.05)
     betas: tuple[float, float] = doc("AdamW betas", default_factory=lambda: (0.9, 0.95))
     warmup_steps: int | None = doc("linear warmup in optimizer steps (None: from warmup_epochs)")
-    warmup_epochs: float = doc("linear warmup in epochs (used when warmup_steps is None)", 0.0)
+    warmup_epochs: float = doc("linear warmup in epochs (used when warmup_steps and warmup_frac are None)", 0.0)
+    warmup_frac: float | None = doc("linear warmup as a fraction of the run's optimizer steps (used when "
+                                    "warmup_steps is None)")
     clip_grad: float | None = doc("clip the gradient norm to this value (None: no clipping)")
 
 
@@ -123,6 +125,8 @@ class TrainConfig:
     knn_k: int = doc("neighbours of the k-NN monitor", 20)
     knn_images: int | None = doc("at most this many images of each k-NN split (None: all)", 10000)
     device: str = doc("cuda or cpu (default: cuda when available)", "auto")
+    threads: int | None = doc("intra-op CPU threads per process (None: OMP_NUM_THREADS when set, else the cores "
+                              "available to this process / the processes on this node, as torchrun sets them)")
     wandb: bool = doc("also log to Weights & Biases (pip install wandb; WANDB_MODE=offline logs without an "
                       "account)", False)
     wandb_project: str = doc("Weights & Biases project of --wandb", "randsac_fast")
@@ -136,6 +140,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "digits"
     flags: list[str] = field(default_factory=list)   # the fields set on the command line
+    # One-line notes on how the preset was adapted (printed at start-up; not part of the config).
+    notes: list[str] = field(default_factory=list, compare=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +201,33 @@ PRESETS: dict[str, tuple[str, dict]] = {
              blur_sigma=1.0, norm_pix=True, order="random", data="imagenet", crop_scale=(0.67, 1.0),
              blr=2e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=2048, warmup_epochs=30,
              epochs=800, out="runs/saim_in1k_vitb")),
+    "folder": (
+        "your own images (an ImageFolder tree, or a root holding train/ and val/; the default for such a "
+        "--data): RandSAC ViT-T at 64x64 with 8x8 patches (an 8x8 grid, small enough for a CPU try-out; raise "
+        "--img-size for detail), 3-layer decoder, square 16->4, norm-pix, MAE augmentation (RandomResizedCrop "
+        "scale 0.2-1 + flip), AdamW blr 1e-3 wd 0.05 betas (0.9, 0.95), global batch 64, warm-up 5% of the "
+        "run, 100 epochs",
+        dict(model="randsac_vit_tiny", img_size=64, patch_size=8, decoder_depth=3, order="square:16/4",
+             norm_pix=True, crop_scale=(0.2, 1.0), hflip=True, blr=1e-3, weight_decay=0.05, betas=(0.9, 0.95),
+             batch_size=64, warmup_frac=0.05, epochs=100, out="runs/folder")),
 }
+
+# Each method's recipe: what a --model of that family brings when the preset in use was written for
+# the other family (or for the digits demo, when no preset was chosen). Sizes (width, depth, heads,
+# decoder / query depth) are then the model's own: a preset's sizes belong to the preset's model.
+FAMILY_RECIPES: dict[str, dict] = {
+    # RandSAC (Hua et al.): hierarchical squares, its decoder, norm-pix targets, MAE's augmentation
+    "randsac": dict(order="square:16/4", blur_kernel=0, norm_pix=True, crop_scale=(0.2, 1.0), hflip=True),
+    # SAIM (Qi et al.): one token per segment in random order, Gaussian-blurred norm-pix targets,
+    # RandomResizedCrop scale (0.67, 1) + flip
+    "saim": dict(order="random", blur_kernel=9, blur_sigma=1.0, norm_pix=True, crop_scale=(0.67, 1.0), hflip=True),
+}
+# Model fields only the other family has.
+_OTHER_FAMILY_FIELDS = {"randsac": ("query_depth", "share_weight", "head"),
+                        "saim": ("decoder_depth", "decoder_num_heads", "skip_memory")}
+#: Model-size fields: a preset's value applies only to the preset's own model.
+SIZE_FIELDS = ("embed_dim", "depth", "num_heads", "decoder_depth", "decoder_num_heads", "query_depth",
+               "share_weight", "head", "skip_memory")
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +294,8 @@ def _flag(name: str) -> str:
 
 
 DEFAULT_PRESET = "digits"
+#: The preset a --data of your own (a directory, shards) starts from when no preset is chosen.
+OWN_DATA_PRESET = "folder"
 # Data the default preset may run on without --preset: its own, and images made at any size.
 _DEFAULT_PRESET_DATA = ("digits", "synthetic")
 
@@ -459,6 +493,7 @@ def _early(argv: list[str]):
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--preset", default=None)
     p.add_argument("--config", default=None)
+    p.add_argument("--data", default=None)
     return p.parse_known_args(argv)[0]
 
 
@@ -474,7 +509,9 @@ def parse_args(argv=None) -> Config:
             file_values, file_flags, file_preset = load_config_file(early.config)
         except ValueError as e:
             file_error = str(e)
-    preset = early.preset or file_preset or DEFAULT_PRESET
+    data = early.data or file_values.get("data")
+    own_data = data is not None and data not in _DEFAULT_PRESET_DATA
+    preset = early.preset or file_preset or (OWN_DATA_PRESET if own_data else DEFAULT_PRESET)
     parser = build_parser(preset if preset in PRESETS else DEFAULT_PRESET, file_values, early.config)
     ns = parser.parse_args(legacy_booleans(argv, parser))
     if file_error:
@@ -489,21 +526,108 @@ def parse_args(argv=None) -> Config:
     apply(cfg, values)
     cfg.flags = sorted(set(file_flags) | set(values))
     given = set(values) | set(file_values)
-    chose_preset = bool(early.preset or file_preset)
-    if not chose_preset and cfg.data.data not in _DEFAULT_PRESET_DATA and "img_size" not in given:
-        parser.error(f"--data {cfg.data.data} without --preset would train the {DEFAULT_PRESET} demo's "
-                     f"{cfg.model.img_size}x{cfg.model.img_size} model (patch {cfg.model.patch_size}, order "
-                     f"{cfg.train.order}) on it; pass --preset NAME (listed by --help; e.g. "
-                     "randsac_cifar10_square for 32x32 images) or set --img-size and --patch-size")
+    if not (early.preset or file_preset) and own_data:
+        cfg.notes.append(f"--data {data} without --preset: starting from preset {OWN_DATA_PRESET} (your own images: "
+                         f"{cfg.model.img_size}x{cfg.model.img_size}, patch {cfg.model.patch_size}, order "
+                         f"{cfg.train.order}; see --help for its values); pass --preset NAME for another")
+    _one_warmup(cfg, given)
+    cfg.notes += follow_model(cfg, preset, given)
     return cfg
 
 
+def _one_warmup(cfg: Config, given: set) -> None:
+    """The warm-up field the user gives wins over the preset's (a preset's warmup_steps would
+    otherwise silently shadow --warmup-epochs or --warmup-frac)."""
+    o, mine = cfg.optim, {"warmup_steps", "warmup_frac", "warmup_epochs"} & given
+    if mine and "warmup_steps" not in mine:
+        o.warmup_steps = None
+    if mine and "warmup_frac" not in mine:
+        o.warmup_frac = None
+
+
+def _family(model: str) -> str:
+    return model.partition("_")[0]
+
+
+def _named_size(model: str) -> tuple[int, int, int] | None:
+    from .models.vit import SIZES
+    return SIZES.get(model.partition("_vit_")[2])
+
+
+def follow_model(cfg: Config, preset: str, given: set) -> list[str]:
+    """Make the method's settings follow ``--model``; return the one-line notes saying what changed.
+
+    A preset's model-size fields (:data:`SIZE_FIELDS`) belong to the preset's model: with another
+    ``--model`` they fall back to that model's own. A preset written for the other family (the
+    default digits demo is RandSAC) gives way to the chosen family's recipe (:data:`FAMILY_RECIPES`).
+    Fields the user set (flags or ``--config``) are kept as given. A model whose width / depth /
+    heads the flags set to another standard size is renamed to it (``saim_vit_base`` at width 192,
+    depth 12, 3 heads is ``saim_vit_tiny``)."""
+    notes = []
+    m = cfg.model
+    preset_values = PRESETS[preset][1]
+    preset_model = preset_values.get("model")
+    if preset_model and m.model != preset_model and "model" in given:
+        sections = {f.name: sec for sec, f in _fields(cfg)}
+        changed = []
+        for name in SIZE_FIELDS:
+            if name not in given and preset_values.get(name) is not None:
+                changed.append((name, getattr(sections[name], name), None))
+        family = _family(m.model)
+        if family != _family(preset_model):
+            for name, value in FAMILY_RECIPES.get(family, {}).items():
+                now = getattr(sections[name], name)
+                if name not in given and (tuple(now) if isinstance(now, list) else now) != value:
+                    changed.append((name, now, value))
+        for name, _, value in changed:
+            setattr(sections[name], name, value)
+        if changed:
+            foreign = _OTHER_FAMILY_FIELDS.get(family, ())
+            what = ", ".join(f"{name} {_shown(was)} -> {'the model default' if now is None else _shown(now)}"
+                             for name, was, now in changed if name not in foreign)
+            dropped = [name for name, _, _ in changed if name in foreign]
+            if dropped:
+                what += f"; dropped (not a {family} field): {', '.join(dropped)}"
+            notes.append(f"--model {m.model}: preset {preset} was written for {preset_model}; using "
+                         f"{family}'s settings instead: {what} (set a flag to choose otherwise)")
+    named = _named_size(m.model)
+    if named is not None and {"embed_dim", "depth", "num_heads"} & given:
+        shape = (m.embed_dim or named[0], m.depth or named[1], m.num_heads or named[2])
+        from .models.vit import SIZES
+        match = next((size for size, dims in SIZES.items() if dims == shape), None)
+        if shape != named and match is not None:
+            renamed = f"{_family(m.model)}_vit_{match}"
+            notes.append(f"--model {m.model} with width {shape[0]}, depth {shape[1]}, {shape[2]} heads is "
+                         f"{renamed}; recorded as {renamed}")
+            m.model = renamed
+        elif shape != named:
+            notes.append(f"--model {m.model} with width {shape[0]}, depth {shape[1]}, {shape[2]} heads: a custom "
+                         f"size of the {_family(m.model)} family (not ViT-{m.model.partition('_vit_')[2]})")
+    return notes
+
+
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    out = dataclasses.asdict(cfg)
+    out.pop("notes", None)
+    return out
+
+
+#: How a run was started, not what it computes: left out of the config a run records, so that
+#: ``--config RUN/config.json`` trains the same run from scratch (not a resume of it).
+_HOW_STARTED = {"resume": None, "allow_changed": False, "force": False}
+
+
+def reproducible(cfg: Config) -> dict:
+    """The config a run records in ``config.json``: its settings without how it was started
+    (``--resume``, ``--allow-changed``, ``--force``), so the file reproduces the run."""
+    out = to_dict(cfg)
+    out["train"].update(_HOW_STARTED)
+    out["flags"] = [f for f in out["flags"] if f not in _HOW_STARTED]
+    return out
 
 
 def dumps(cfg: Config) -> str:
-    return json.dumps(to_dict(cfg), indent=2)
+    return json.dumps(reproducible(cfg), indent=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,7 +794,8 @@ RULES: dict[str, Rule] = {
                     "auto or a whole number >= 0"), "synthetic_size": at_least(1), "knn_data": optional(text()),
     # optim
     "blr": positive(), "min_lr": non_negative(), "weight_decay": non_negative(), "betas": each(fraction(), 2),
-    "warmup_steps": optional(at_least(0)), "warmup_epochs": non_negative(), "clip_grad": optional(positive()),
+    "warmup_steps": optional(at_least(0)), "warmup_epochs": non_negative(),
+    "warmup_frac": optional(fraction()), "clip_grad": optional(positive()),
     # train
     "out": writable_dir(), "steps": optional(at_least(1)), "epochs": positive(), "batch_size": at_least(1),
     "accum": optional(at_least(1)), "micro_batch": optional(at_least(1)), "seed": seed_value(), "order": text(), "resume": optional(text()),
@@ -678,7 +803,7 @@ RULES: dict[str, Rule] = {
     "compile": one_of("none", "block", "whole", "whole-cudagraphs"),
     "fsdp_units": one_of("auto", "block", "root"),
     "ac": boolean(), "master_weights": boolean(), "probe": boolean(), "knn_every": at_least(0), "knn_k": at_least(1),
-    "knn_images": optional(at_least(1)), "device": Rule(_device, "auto, cpu or cuda"),
+    "knn_images": optional(at_least(1)), "device": Rule(_device, "auto, cpu or cuda"), "threads": optional(at_least(1)),
     "wandb": boolean(), "wandb_project": text(), "allow_changed": boolean(), "force": boolean(),
 }
 

@@ -199,9 +199,17 @@ def _write(path: str, info: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(info, indent=1, default=str))
     os.replace(tmp, path)
+def _columns(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    """Rows of cells as aligned text: each column as wide as its widest cell, two spaces between
+    columns, so no two cells ever run together; the last column is not padded."""
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max((len(r) for r in rows), default=0))]
+    return [indent + "  ".join(c.ljust(widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)).rstrip()
+            for r in rows]
 
 
 def report(info: dict) -> str:
+    """The human-readable report. Nothing is cut: a long detail (an error, the fix) gets its own
+    indented line, whole."""
     lines = [f"randsac_fast {info['randsac_fast']} (commit {(info['git_commit'] or '?')[:10]})",
              f"python {info['python']}  {info['platform']}",
              f"torch {info['torch']}  CUDA {info['cuda']}  cuDNN {info['cudnn']}  triton {info['triton']}  "
@@ -213,28 +221,35 @@ def report(info: dict) -> str:
     lines.append("\nbackends (importable / built):")
     for op, table in info["backends"].items():
         cells = [f"{n}{'' if b['available'] else ' (no)'}" for n, b in table.items()]
-        lines.append(f"  {op:<18} " + ", ".join(cells))
+        lines += _columns([[op, ", ".join(cells)]])
         for n, b in table.items():
             if not b["available"]:
-                lines.append(f"      {n}: {b['detail'][:150]}")
+                lines.append(f"      {n}: {b['detail']}")
     lines.append("\nself-check (fast backend vs plain PyTorch in its dtype vs float64, forward + backward):")
+    rows, details = [], []
     for r in info["selfcheck"]:
         worst = max(r["errors"].items(), key=lambda kv: kv[1]["fast"] / max(kv[1]["bound"], 1e-30), default=None)
         detail = (f"worst {worst[0]} {worst[1]['fast']:.1e} <= {worst[1]['bound']:.1e}" if r["status"] == "ok" and worst
-                  else r["detail"][:120] or "; ".join(f"{n} {e['fast']:.1e} > {e['bound']:.1e}"
-                                                     for n, e in r["errors"].items() if not e["ok"]))
-        lines.append(f"  {r['op']:<18}{r['backend']:<8}{r['dtype']:<9}{','.join(r['structure']):<26}"
-                     f"{r['status'].upper():<12}{r['seconds']:6.2f} s  {detail}")
+                  else r["detail"] or "; ".join(f"{n} {e['fast']:.1e} > {e['bound']:.1e}"
+                                                for n, e in r["errors"].items() if not e["ok"]))
+        rows.append([r["op"], r["backend"], r["dtype"], ",".join(r["structure"]), r["status"].upper(),
+                     f"{r['seconds']:.2f} s"])
+        details.append(detail)
+    for line, detail in zip(_columns(rows), details):
+        lines.append(line)
+        if detail:
+            lines.append(f"      {detail}")
     if info["timing"]:
         lines.append("\ntiming, bf16, fwd+bwd median ms (auto's choice marked *):")
         chosen = {(a["op"], a["shape"]): a["chosen"] for a in info["auto"]}
+        rows = []
         for r in info["timing"]:
             if "ms" not in r:
-                lines.append(f"  {r['op']:<18}{r['shape']:<20}{r['backend']}: {r['error'][:100]}")
+                rows.append([r["op"], r["shape"], f"{r['backend']}: {r['error']}"])
                 continue
-            cells = [f"{n}{'*' if chosen.get((r['op'], r['shape'])) == n else ''} "
-                     f"{'-' if t is None else f'{t:.3f}'}" for n, t in r["ms"].items()]
-            lines.append(f"  {r['op']:<18}{r['shape']:<20}" + "  ".join(cells))
+            rows.append([r["op"], r["shape"], *(f"{n}{'*' if chosen.get((r['op'], r['shape'])) == n else ''} "
+                                                f"{'-' if t is None else f'{t:.3f}'}" for n, t in r["ms"].items())])
+        lines += _columns(rows)
     if info["needs_gpu"]:
         lines.append("\nneeds a GPU (not checked here):")
         lines += [f"  - {n}" for n in info["needs_gpu"]]

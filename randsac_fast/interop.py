@@ -302,6 +302,7 @@ def save_state_dict(state_dict: dict[str, Tensor], path: str, *, safetensors: bo
             raise ImportError("--safetensors needs the 'safetensors' package: pip install safetensors "
                               "(or drop --safetensors to write a torch .pt file)") from None
         save_file(state_dict, path, metadata=metadata)
+        models.hub.normal_file_mode(path)   # safetensors creates its files 0600; torch.save's get the umask's mode
     else:
         torch.save(state_dict, path)
 
@@ -672,15 +673,17 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name for a state-dict file, e.g. randsac_vit_tiny")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="model config overrides, comma-separated (or repeated), e.g. --set num_heads=3,img_size=32")
-    p.add_argument("--backend", default="auto", help="attention backend (default auto)")
+    p.add_argument("--backend", default="auto", help="attention backend")
 
 
 def _add_norm_args(p: argparse.ArgumentParser) -> None:
     from .config import comma_list
     p.add_argument("--mean", type=comma_list(float), nargs="+", default=None,
-                   help="normalisation mean per channel to record, comma-separated (default: the run's)")
+                   help="normalisation mean to record, one value per channel: comma-separated (0.5,0.5,0.5; "
+                        "spaces also work) (default: the run's)")
     p.add_argument("--std", type=comma_list(float), nargs="+", default=None,
-                   help="normalisation std per channel to record, comma-separated (default: the run's)")
+                   help="normalisation std to record, one value per channel: comma-separated (0.25,0.25,0.25; "
+                        "spaces also work) (default: the run's)")
 
 
 def check_export_out(out: str, force: bool = False) -> None:

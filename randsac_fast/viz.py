@@ -209,7 +209,7 @@ def across_classes(labels, n: int) -> list[int]:
 def load_images(images: list[str], img_size: int, channels: int, n: int, mean=None, std=None, *,
                 with_labels: bool = False):
     """``digits`` | ``synthetic`` | a directory | image files -> (normalised [n, C, S, S], mean, std)
-    (+ labels [n] with ``with_labels``). Examples of a labelled source (a directory's class
+    (+ labels with ``with_labels``: a folder's class names, else class numbers [n]). Examples of a labelled source (a directory's class
     subfolders, CIFAR, digits) are taken across its classes (:func:`across_classes`). mean/std
     default to the source's own statistics."""
     from . import data
@@ -230,6 +230,8 @@ def load_images(images: list[str], img_size: int, channels: int, n: int, mean=No
     x, labels = data.eval_images(source, img_size, mean, std, indices=indices)
     if isinstance(source, (_Files, data.SyntheticSource)):
         labels = None                                  # files and synthetic images have no classes
+    elif getattr(source, "classes", None):             # a folder: its class folder names
+        labels = [source.classes[int(y)] for y in labels]
     return (x, mean, std, labels) if with_labels else (x, mean, std)
 
 
@@ -240,8 +242,8 @@ def _cells_to_pixels(lines, patch_size: int):
 
 def plot_recon(model, images: Tensor, out: str, *, spec: str, mean, std, seed: int = 0, labels=None) -> str:
     """image | order | prediction for each image (normalised [B, C, H, W] in the model's input
-    space); ``spec`` is the order to predict in; ``labels`` [B] (optional) titles each row with its
-    class. Tokens the model is given rather than asked for show the input patches, outlined in
+    space); ``spec`` is the order to predict in; ``labels`` [B] (optional: class numbers, or a
+    folder's class names) titles each row with its class. Tokens the model is given rather than asked for show the input patches, outlined in
     the prediction. Returns ``out``."""
     from matplotlib.collections import LineCollection
     plt = _pyplot()
@@ -278,7 +280,8 @@ def plot_recon(model, images: Tensor, out: str, *, spec: str, mean, std, seed: i
             axes[i, 2].add_collection(LineCollection(_cells_to_pixels(edges, c.patch_size), colors="#ff7f0e",
                                                      linewidths=1.5))
         if labels is not None:
-            axes[i, 0].set_ylabel(f"class {int(labels[i])}", fontsize=8)
+            name = labels[i]
+            axes[i, 0].set_ylabel(name if isinstance(name, str) else f"class {int(name)}", fontsize=8)
         draw_order(axes[i, 1], levels, i, grid)
     notes = (["blurred"] if c.blur_kernel > 1 else []) + (["outlined: given"] if context.any() else [])
     for ax, title in zip(axes[0], ("image", f"order ({orders_mod.parse_spec(spec)})",
@@ -323,9 +326,11 @@ def main(argv=None) -> int:
     r.add_argument("--n", type=int, default=4, help="number of images (default 4)")
     r.add_argument("--order", default=None, help="order spec (default: the training run's, else random / square:16/4)")
     r.add_argument("--mean", type=comma_list(float), nargs="+", default=None,
-                   help="normalisation mean per channel, comma-separated (default: the run's, else the data's)")
+                   help="normalisation mean, one value per channel: comma-separated (0.5,0.5,0.5; spaces also "
+                        "work) (default: the run's, else the data's)")
     r.add_argument("--std", type=comma_list(float), nargs="+", default=None,
-                   help="normalisation std per channel, comma-separated (default: the run's, else the data's)")
+                   help="normalisation std, one value per channel: comma-separated (0.25,0.25,0.25; spaces also "
+                        "work) (default: the run's, else the data's)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True, help="output PNG")
     r.add_argument("--force", action="store_true", help="replace an --out file another command (or you) wrote")

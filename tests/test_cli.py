@@ -1,4 +1,4 @@
-"""The commands as a user meets them: no traps (--data without --preset, help that shows the values
+"""The commands as a user meets them: no traps (--data without --preset starts from the folder preset, help that shows the values
 used, an evaluation root as pre-training data), runs that explain themselves (a closing summary
 whose next commands run as printed, results.json, validation accuracy in the progress line, one
 error line instead of a traceback on any rank), TensorBoard hparams and offline wandb, --config
@@ -77,15 +77,16 @@ def digits_run(tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 # Traps
 # --------------------------------------------------------------------------------------------
-def test_data_without_preset_is_refused_with_the_fix(tmp_path, capsys):
-    err = _parse_error(["--data", str(tmp_path)], capsys)
-    line = [l for l in err.splitlines() if "error:" in l]
-    assert len(line) == 1 and "without --preset" in line[0] and "--preset NAME" in line[0] and "--img-size" in line[0]
+def test_data_without_preset_starts_from_the_folder_preset(tmp_path):
+    # Not the 8x8 digits demo: your own images get the folder preset, and it is said.
+    cfg = config.parse_args(["--data", str(tmp_path)])
+    assert cfg.preset == "folder" and (cfg.model.img_size, cfg.model.patch_size) == (64, 8)
+    assert len(cfg.notes) == 1 and "without --preset" in cfg.notes[0] and "preset folder" in cfg.notes[0]
     # A preset, or explicit sizes, are a choice: accepted.
     assert config.parse_args(["--preset", "randsac_cifar10_square", "--data", str(tmp_path)]).model.img_size == 32
     cfg = config.parse_args(["--data", str(tmp_path), "--img-size", "32", "--patch-size", "4"])
     assert (cfg.model.img_size, cfg.model.patch_size) == (32, 4)
-    assert config.parse_args(["--data", "synthetic"]).data.data == "synthetic"   # sized by --img-size itself
+    assert config.parse_args(["--data", "synthetic"]).preset == "digits"   # sized by --img-size itself
 
 
 def test_help_shows_the_values_the_run_uses(tmp_path, monkeypatch, capsys):

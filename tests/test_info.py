@@ -60,3 +60,20 @@ def test_cpu_report_lists_what_needs_a_gpu(report_json):
         assert any("bf16" in n for n in data["needs_gpu"]) and any("cuda backend" in n for n in data["needs_gpu"])
     text = info.report(data)
     assert "self-check" in text and "segment_attention" in text and f"torch {torch.__version__}" in text
+
+
+def test_report_keeps_whole_sentences_and_separates_columns():
+    fix = ("the extension randsac_fast._C is not built; build it with pip install -e . --no-build-isolation on a "
+           "machine with nvcc and a CUDA build of torch, or set RANDSAC_FAST_JIT=1 to compile it on first use")
+    data = {"randsac_fast": "0", "git_commit": None, "python": "3", "platform": "linux", "torch": "2", "cuda": None,
+            "cudnn": None, "triton": None, "driver": None, "gpus": [], "device": "cpu", "env": {},
+            "backends": {"segment_attention": {"reference": {"available": True, "detail": ""},
+                                               "cuda": {"available": False, "detail": fix}}},
+            "selfcheck": [{"op": "segment_attention", "backend": "sdpa_causal", "dtype": "float32",
+                           "structure": ["64", "True", "strided-and-a-long-layout-name"], "status": "unsupported",
+                           "seconds": 0.01, "errors": {}, "detail": fix}],
+            "timing": [], "auto": [], "needs_gpu": [], "seconds": 1}
+    text = info.report(data)
+    assert text.count(fix) == 2                                  # whole, where it is needed
+    row = next(l for l in text.splitlines() if "sdpa_causal" in l)
+    assert "sdpa_causal  float32  64,True,strided-and-a-long-layout-name  UNSUPPORTED" in row

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import sys
 
 import pytest
@@ -448,3 +450,17 @@ def test_load_plain_files_infer_sizes(tmp_path):
                          "--out", str(out)]) == 0
     got = torch.load(out)
     assert got["pos_embed"].shape == (1, 17, 32) and "cls_token" in got and "blocks.1.attn.qkv.weight" in got
+
+
+def test_exported_files_get_the_umasks_mode(tmp_path):
+    """safetensors writes its files 0600; exports get what any new file gets (0644 under umask 022)."""
+    model = tiny("randsac_vit_tiny")
+    old = os.umask(0o022)
+    try:
+        interop.export_timm(model, str(tmp_path / "dir"), (0.5,) * 3, (0.25,) * 3)
+        interop.export_timm(model, str(tmp_path / "vit.safetensors"), (0.5,) * 3, (0.25,) * 3)
+        model.save_pretrained(str(tmp_path / "pre"))
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "dir" / "model.safetensors", tmp_path / "vit.safetensors", tmp_path / "pre" / "model.safetensors"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path

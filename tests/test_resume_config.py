@@ -70,7 +70,8 @@ def test_trainer_refuses_changes_in_one_line_and_leaves_the_run_as_it_was(tmp_pa
     assert train.main([*TINY, "--out", str(out), "--resume", "latest", "--embed-dim", "32"]) == 1
     err = capsys.readouterr().err
     assert ("error: --resume " in err and "the checkpoint's model has embed_dim=16, this run asks for embed_dim=32; "
-            "a model-shape change cannot resume: drop --embed-dim" in err and "Traceback" not in err), err
+            "a model-shape change cannot resume: resume with the run's own settings: --config "
+            f"{out / 'config.json'} --resume " in err and "Traceback" not in err), err
     assert len(err.strip().splitlines()) == 1
 
     # A data set with another channel count, allowed as a setting, still cannot load: one line naming the tensor.
@@ -95,3 +96,45 @@ def test_trainer_refuses_changes_in_one_line_and_leaves_the_run_as_it_was(tmp_pa
     assert ("already holds checkpoints (newest: " in capsys.readouterr().err)
     assert train.main([*TINY, "--out", str(out), "--force", "true"]) == 0
     assert "step_00000002.branch1" in os.listdir(out / "checkpoints")
+
+
+def test_resume_advice_names_every_differing_field_and_the_runs_config(tmp_path, capsys):
+    """Sizes that came from flags (or a preset) and are missing on resume: the refusal names both
+    fields and the command that works, and that command resumes."""
+    from randsac_fast import train
+    out = tmp_path / "run"
+    sized = ["--img-size", "16", "--patch-size", "4", "--order", "square:4"]
+    assert train.main([*TINY, *sized, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert train.main([*TINY, "--out", str(out), "--resume", "latest"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "img_size 16 -> 8" in err and "patch_size 4 -> 2" in err and f"--config {out / 'config.json'}" in err
+    advice = err.split("--config ", 1)[1].split(",")[0].split()          # CONFIG --resume PATH
+    assert train.main(["--config", *advice, "--steps", "3", "--allow-changed"]) == 0
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002", "step_00000003"]
+
+
+def test_the_reproduce_command_after_a_resume_reproduces(tmp_path, capsys):
+    """config.json after a resume records the run, not how it was resumed: the summary's
+    'reproduce' command trains it again from scratch, to the same losses."""
+    import json
+    import shlex
+
+    from randsac_fast import train
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--steps", "1", "--out", str(out)]) == 0
+    assert train.main([*TINY, "--steps", "2", "--out", str(out), "--resume", "latest", "--allow-changed"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["train"]["resume"], saved["train"]["allow_changed"]) == (None, False)
+    assert "resume" not in saved["flags"] and "allow_changed" not in saved["flags"]
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("reproduce"))
+    argv = shlex.split(line.split("reproduce", 1)[1])[3:]                # after python -m randsac_fast.train
+    assert train.main(argv) == 0
+    again = argv[argv.index("--out") + 1]
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(run, "metrics.jsonl")))
+                if "loss" in r}
+    assert losses(again) == losses(str(out)) and sorted(losses(again)) == [1, 2]
+    assert os.listdir(os.path.join(again, "checkpoints")) == ["step_00000002"]        # trained, not resumed

@@ -54,8 +54,9 @@ def _have_simplejpeg() -> bool:
 def _pil():
     try:
         from PIL import Image
-    except ImportError as e:
-        raise ImportError("image files need Pillow: pip install pillow (or pip install 'randsac_fast[data]')") from e
+    except ImportError:
+        raise ImportError("image files need Pillow, a dependency of randsac_fast that is missing here: "
+                          "pip install pillow") from None
     return Image
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .images import DataError, EncodedImage, UnreadableImage
+from .images import DataError, EncodedImage, UnreadableImage, _pil
 
 __all__ = ["TensorSource", "SyntheticSource", "ImageFolderSource", "digits", "cifar", "open_source",
            "is_shard_spec", "pretraining_root", "ShardSource", "IMAGE_KEYS", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "IMAGE_EXTS"]
@@ -137,6 +137,7 @@ class ImageFolderSource:
     """``root/<class>/<image>`` files, decoded with Pillow on demand; unreadable files are skipped."""
 
     def __init__(self, root: str):
+        _pil()   # missing Pillow: one ImportError line now, not a traceback from every loader worker later
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         self.classes, self.files = classes, []
         for c, cls in enumerate(classes):
@@ -230,6 +231,7 @@ class ShardSource:
     sequential = True
 
     def __init__(self, spec: str, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        _pil()   # as ImageFolderSource: say it before any worker starts
         self.urls = expand(spec)
         if not self.urls:
             raise DataError(f"--data {spec!r} names no tar shards")

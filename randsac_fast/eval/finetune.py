@@ -37,8 +37,8 @@ from .. import interop, ops
 from ..runtime import collectives
 from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
 from ..runtime.lock import lock_run_dir, releasing_locks
-from .linprobe import (RUN_RULES, _say, add_run_args, check_channels, cli, eval_transform, evaluate, labelled_splits,
-                       load_encoder, metrics_logger, norm_stats, summarise)
+from .linprobe import (RUN_RULES, _say, add_run_args, check_channels, cli, eval_transform, evaluate, fitted_warmup,
+                       labelled_splits, load_encoder, metrics_logger, norm_stats, say_threads, summarise)
 from ..runtime.metrics import require_wandb
 from ..runtime.summary import write_results
 from ..runtime.parallel import init_distributed, parallelize
@@ -272,7 +272,10 @@ class FinetuneAugment:
                                      f"{_RANDAUG_FORM}") from None
                 _keep_zero_bit_posterize(self.randaug)
             except ImportError:
-                warnings.warn("RandAugment skipped: it needs timm (pip install timm)", stacklevel=2)
+                warnings.warn("RandAugment skipped: it needs timm (pip install timm; note that timm's torchvision "
+                              "makes pip replace a CPU torch with a CUDA build of several GB)", stacklevel=2)
+        #: the RandAugment spec actually applied (None: none, e.g. timm is not installed)
+        self.randaug_applied = randaug if self.randaug is not None else None
 
     def __call__(self, img: Tensor, g: torch.Generator) -> Tensor:
         out = self.crop(img, g)
@@ -295,7 +298,8 @@ class FinetuneAugment:
 def build_parser() -> argparse.ArgumentParser:
     p = config_mod.Parser(prog="python -m randsac_fast.finetune",
                                 description="Fine-tune a RandSAC / SAIM encoder for classification (FSDP2; "
-                                            "torchrun for several processes).")
+                                            "torchrun for several processes).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     interop.add_checkpoint_args(p)
     p.add_argument("--data", required=True, help="digits, a directory with train/ and val/, or CIFAR pickles")
     p.add_argument("--out", default="runs/finetune", help="run directory: metrics.jsonl, checkpoints")
@@ -314,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--randaug", default="rand-m9-mstd0.5-inc1", help="timm RandAugment spec ('' : off)")
     p.add_argument("--augment", choices=("mae", "none"), default="mae",
                    help="mae: RandomResizedCrop(0.08, 1) + flip + RandAugment; none: the evaluation view")
-    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm (default: off)")
+    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm (None: off)")
     p.add_argument("--cls-token", action=argparse.BooleanOptionalAction, default=False,
                    help="classify from the cls token (SAIM)")
     add_run_args(p, log_every=10)
@@ -354,6 +358,7 @@ def run(argv=None) -> dict:
 
     dist_info = init_distributed(args.device)
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world
+    say_threads(args.threads, dist_info.is_main)
     lock_run_dir(args.out, dist_info.is_main, "finetune", args.force)   # its own directory, one run at a time
     collectives.barrier()
     torch.manual_seed(args.seed)                      # the same head on every rank
@@ -368,7 +373,7 @@ def run(argv=None) -> dict:
     batches = data_mod.ShardedBatches(len(train_src), args.batch_size, rank, world, args.seed)
     per_epoch = batches.per_epoch
     total = args.steps or max(1, round(args.epochs * per_epoch))
-    warmup = round(args.warmup_epochs * per_epoch)
+    warmup = fitted_warmup(args, per_epoch, total, dist_info.is_main)
     global_batch = args.batch_size * world
     peak_lr = scaled_lr(args.blr, global_batch)
     mixer = make_mixer(num_classes, args.mixup, args.cutmix, args.smoothing, data_mod.sample_seed(args.seed, -4, rank))
@@ -427,10 +432,13 @@ def run(argv=None) -> dict:
         model.eval()
         result = evaluate(model, val_src, view, args.batch_size, dist_info)
     results_file = os.path.join(args.out, "results.json")
+    # What ran, not only what was asked: RandAugment is skipped without timm.
+    applied = {"randaug_applied": getattr(augment, "randaug_applied", None)}
     if dist_info.is_main:
-        write_results(args.out, {**result, "step": step, "ckpt": args.ckpt, "data": args.data, "args": vars(args)})
+        write_results(args.out, {**result, "step": step, "ckpt": args.ckpt, "data": args.data, **applied,
+                                 "args": vars(args)})
     # losses: every step of this run, rank mean
-    return {**result, "step": step, "losses": losses, "checkpoint": last, "results_file": results_file}
+    return {**result, **applied, "step": step, "losses": losses, "checkpoint": last, "results_file": results_file}
 
 
 def main(argv=None) -> int:

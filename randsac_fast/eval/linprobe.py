@@ -43,7 +43,8 @@ from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
 from ..runtime.lock import lock_run_dir, release_all, releasing_locks
 from ..runtime.metrics import MetricsLogger, require_wandb
 from ..runtime.parallel import Dist, init_distributed
-from ..runtime.schedule import lr_at, scaled_lr, set_lr
+from ..runtime.schedule import fit_warmup, lr_at, scaled_lr, set_lr
+from ..runtime.threads import set_threads
 from ..runtime.summary import command, eval_summary, run_command, write_results
 
 __all__ = ["labelled_splits", "load_encoder", "eval_transform", "evaluate", "ProbeHead", "run", "main"]
@@ -181,7 +182,8 @@ class ProbeHead(nn.Sequential):
 def build_parser() -> argparse.ArgumentParser:
     p = config_mod.Parser(prog="python -m randsac_fast.linprobe",
                                 description="Linear probe of a frozen RandSAC / SAIM encoder (torchrun for "
-                                            "several processes).")
+                                            "several processes).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     interop.add_checkpoint_args(p)
     p.add_argument("--data", required=True, help="digits, a directory with train/ and val/, or CIFAR pickles")
     p.add_argument("--out", default="runs/linprobe", help="run directory: metrics.jsonl, checkpoints")
@@ -209,7 +211,9 @@ def add_run_args(p, log_every: int) -> None:
     p.add_argument("--log-every", type=int, default=log_every, help="log metrics every K steps (and at each evaluation)")
     p.add_argument("--seed", type=int, default=0, help="random seed (init, data order, augmentation)")
     p.add_argument("--workers", type=int, default=0, help="dataloader worker processes per rank")
-    p.add_argument("--device", default="auto", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads per process (None: OMP_NUM_THREADS, else the cores available / local ranks)")
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
                    help="also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works offline)")
     p.add_argument("--wandb-project", default="randsac_fast", help="Weights & Biases project of --wandb")
@@ -218,6 +222,22 @@ def add_run_args(p, log_every: int) -> None:
 def _say(dist_info):
     """Print a line to stderr on rank 0 only (what ``--resume latest`` skipped)."""
     return lambda text: print(text, file=sys.stderr, flush=True) if dist_info.is_main else None
+
+
+def say_threads(requested: int | None, say: bool) -> None:
+    """Set the intra-op threads (:mod:`randsac_fast.runtime.threads`); rank 0 states the choice."""
+    line = set_threads(requested)
+    if say:
+        print(line, file=sys.stderr, flush=True)
+
+
+def fitted_warmup(args, per_epoch: int, total: int, say: bool) -> int:
+    """--warmup-epochs in steps, scaled to a tenth of the run when longer than half of it (one
+    warning line on rank 0; :func:`randsac_fast.runtime.schedule.fit_warmup`)."""
+    warmup, note = fit_warmup(round(args.warmup_epochs * per_epoch), total, f"--warmup-epochs {args.warmup_epochs:g}")
+    if note and say:
+        print(note, file=sys.stderr, flush=True)
+    return warmup
 
 
 def metrics_logger(args, enabled: bool, total: int, step: int) -> MetricsLogger:
@@ -233,7 +253,7 @@ RUN_RULES = {"out": config_mod.writable_dir(), "epochs": config_mod.positive(),
              "ckpt_every": config_mod.at_least(1), "keep": config_mod.at_least(1),
              "eval_every": config_mod.at_least(1), "log_every": config_mod.at_least(1),
              "workers": config_mod.at_least(0), "seed": config_mod.seed_value(),
-             "device": config_mod.RULES["device"]}
+             "device": config_mod.RULES["device"], "threads": config_mod.RULES["threads"]}
 
 
 @releasing_locks
@@ -256,6 +276,7 @@ def run(argv=None) -> dict:
 
     dist_info = init_distributed(args.device)
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world
+    say_threads(args.threads, dist_info.is_main)
     lock_run_dir(args.out, dist_info.is_main, "linprobe", args.force)   # its own directory, one run at a time
     collectives.barrier()
     torch.manual_seed(args.seed)                       # the same head on every rank
@@ -270,7 +291,7 @@ def run(argv=None) -> dict:
     batches = data_mod.ShardedBatches(len(train_src), args.batch_size, rank, world, args.seed)
     per_epoch = batches.per_epoch
     total = max(1, round(args.epochs * per_epoch))
-    warmup = round(args.warmup_epochs * per_epoch)
+    warmup = fitted_warmup(args, per_epoch, total, dist_info.is_main)
     global_batch = args.batch_size * world
     peak_lr = scaled_lr(args.blr, global_batch)
     optimizer = torch.optim.SGD(ddp_head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=0.0)
@@ -366,7 +387,8 @@ def summarise(module: str, argv, result: dict) -> None:
     task = "linear probe" if module.endswith("linprobe") else "fine-tune"
     steps = None
     if task == "linear probe":
-        model_args = (["--model", args.model] if args.model else []) + [a for s in args.set for a in ("--set", s)]
+        model_args = ((["--model", args.model] if args.model else []) + [a for s in args.set for a in ("--set", s)]
+                      + (["--cls-token"] if args.cls_token else []))      # SAIM: classify from what was probed
         steps = {"fine-tune": command("finetune", "--ckpt", args.ckpt, *model_args, "--data", args.data,
                                       "--out", os.path.join(os.path.dirname(os.path.normpath(args.out)), "finetune"))}
     eval_summary(task, args.out, result.get("checkpoint"), result, result["results_file"], steps)

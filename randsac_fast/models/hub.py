@@ -104,6 +104,7 @@ class PretrainedMixin:
         atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}),
                      "interop pretrained")
         atomic_text(os.path.join(directory, CONFIG_NAME), text + "\n", "interop pretrained")
+        normal_file_mode(os.path.join(directory, WEIGHTS_NAME))
         return directory
 
     @classmethod
@@ -136,3 +137,11 @@ class PretrainedMixin:
         model.load_state_dict(weights)
         model.pretrained_metadata = saved.get("metadata", {})
         return model.eval()
+
+
+def normal_file_mode(path: str) -> None:
+    """Give a file the mode an ordinary new file gets, 0666 minus the umask (0644 under 022):
+    safetensors creates its files 0600, readable by their owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -16,6 +16,7 @@ A field that is new since the checkpoint was written (absent from its config) is
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -25,7 +26,7 @@ __all__ = ["SHAPE_FIELDS", "FREE_FIELDS", "compare", "check_resume"]
 SHAPE_FIELDS = ("model", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_depth",
                 "decoder_num_heads", "query_depth", "share_weight", "head", "skip_memory")
 FREE_FIELDS = ("backend", "workers", "knn_data", "out", "resume", "ckpt_every", "keep", "log_every", "compile",
-               "ac", "fsdp_units", "master_weights", "probe", "knn_every", "knn_k", "knn_images", "device", "allow_changed", "force", "wandb",
+               "ac", "fsdp_units", "master_weights", "probe", "knn_every", "knn_k", "knn_images", "device", "threads", "allow_changed", "force", "wandb",
                "wandb_project")
 _SECTIONS = ("model", "data", "optim", "train")
 
@@ -68,23 +69,39 @@ def compare(saved: dict, current: dict, in_chans: int) -> tuple[list[tuple], lis
     return shape, training
 
 
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
+def _own_settings(path: str) -> str:
+    """How to resume with the settings the checkpoint's run was started with: its config.json."""
+    run_dir = os.path.dirname(os.path.dirname(os.path.normpath(path)))   # OUT/checkpoints/step_X -> OUT
+    config = os.path.join(run_dir, "config.json")
+    if os.path.exists(config):
+        return f"resume with the run's own settings: --config {config} --resume {path}"
+    return "resume with the settings the run was started with"
+
+
+def _shown(value):
+    """A square size as its side (the model records img_size as (16, 16); the flag is 16)."""
+    return value[0] if isinstance(value, tuple) and len(value) == 2 and value[0] == value[1] else value
+
+
+def _changes(fields: list[tuple]) -> str:
+    return ", ".join(f"{k} {_shown(was)!r} -> {_shown(now)!r}" for k, was, now in fields)
 
 
 def check_resume(path: str, saved: dict, current: dict, in_chans: int, allow_changed: bool) -> list[str]:
     """Raise ValueError on a model-shape change, or on a training-setting change without
-    ``allow_changed``; else return the warning lines to print (one per changed setting)."""
+    ``allow_changed``; else return the warning lines to print (one per changed setting).
+
+    The refusals name every differing field (a preset's or a default's values differ as much as
+    a flag's) and the fix that always works: the run's own ``--config RUN/config.json``."""
     shape, training = compare(saved, current, in_chans)
     if shape:
         key, was, now = shape[0]
-        more = f" (and {len(shape) - 1} more model field(s))" if len(shape) > 1 else ""
-        raise ValueError(f"--resume {path}: the checkpoint's model has {key}={was!r}, this run asks for "
-                         f"{key}={now!r}{more}; a model-shape change cannot resume: drop {_flag(key)} "
-                         "or start the new model in another --out")
+        more = f" (all model changes: {_changes(shape)})" if len(shape) > 1 else ""
+        raise ValueError(f"--resume {path}: the checkpoint's model has {key}={_shown(was)!r}, this run asks for "
+                         f"{key}={_shown(now)!r}{more}; a model-shape change cannot resume: {_own_settings(path)}, or "
+                         "start the new model in another --out")
     if training and not allow_changed:
-        listing = ", ".join(f"{k} {was!r} -> {now!r}" for k, was, now in training)
-        raise ValueError(f"--resume {path}: training settings differ from the checkpoint's ({listing}); "
-                         "pass --allow-changed to resume with the new values, or drop those flags")
+        raise ValueError(f"--resume {path}: training settings differ from the checkpoint's ({_changes(training)}); "
+                         f"pass --allow-changed to resume with the new values, or {_own_settings(path)}")
     return [f"warning: resuming {path} with a changed training setting: {k} {was!r} -> {now!r}"
             for k, was, now in training]

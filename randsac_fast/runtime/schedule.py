@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["scaled_lr", "lr_at", "set_lr"]
+__all__ = ["scaled_lr", "lr_at", "set_lr", "fit_warmup"]
 
 
 def scaled_lr(blr: float, effective_batch: int) -> float:
@@ -32,3 +32,20 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def fit_warmup(warmup: int, total: int, how: str) -> tuple[int, str | None]:
+    """(warm-up steps to use, a warning line or None) for a run of ``total`` optimizer steps.
+
+    A warm-up longer than half the run is scaled to a tenth of it, with a warning: presets and
+    defaults size the warm-up for the full schedule (10 of 1600 epochs, 20 of 1500 steps), so a
+    short try-out would otherwise end at, or never reach, the peak lr and learn little — silently.
+    Scaling rather than refusing keeps a try-out a one-liner and keeps the schedule's shape (rise,
+    then cosine decay); the line names the flag that sets it. ``how``: where the warm-up came from,
+    e.g. ``"--warmup-epochs 10"``.
+    """
+    if warmup <= total // 2:
+        return warmup, None
+    fitted = total // 10
+    return fitted, (f"warning: a warm-up of {warmup} steps ({how}) is longer than half of this {total}-step run; "
+                    f"using {fitted} step{'' if fitted == 1 else 's'} (a tenth of the run) — set the warm-up or the run's length to choose")

@@ -161,12 +161,8 @@ def pretrain_summary(out: str, checkpoint: str | None, data: str, probe: dict | 
                                         "--out", os.path.join(out, "linprobe"))
         if labelled is None:
             steps["linear probe"] += "    # LABELLED_DIR: a directory with train/ and val/ class folders"
-        try:
-            import safetensors  # noqa: F401
-            export = ("--out", os.path.join(out, "vit_timm.safetensors"), "--safetensors")
-        except ImportError:
-            export = ("--out", os.path.join(out, "vit_timm.pt"))
-        steps["timm export"] = command("interop", "export", "--ckpt", checkpoint, *export)
+        # A directory (config.json + model.safetensors): what timm.create_model("local-dir:DIR") loads.
+        steps["timm export"] = command("interop", "export", "--ckpt", checkpoint, "--out", os.path.join(out, "timm"))
         steps["figure"] = command("viz", "recon", "--ckpt", checkpoint, "--images", data,
                                   "--out", os.path.join(out, "recon.png"))
     steps["reproduce"] = command("train", "--config", os.path.join(out, "config.json"), "--out", out + "_again")

@@ -22,7 +22,7 @@ from torch import nn
 from .. import config as config_mod
 from .. import data as data_mod
 from .. import models, ops, orders
-from ..eval.knn import knn_accuracy, labelled_loaders
+from ..eval.knn import knn_evaluate, labelled_loaders
 from ..eval.probe import digits_probe, save_json
 from ..runtime.batch import plan_batch
 from ..runtime import collectives
@@ -33,7 +33,8 @@ from ..runtime.preempt import EXIT_PREEMPTED, Preempted, Preemption
 from ..runtime.resume_config import check_resume
 from ..runtime.metrics import MetricsLogger, flops_per_image, peak_flops, require_wandb
 from ..runtime.parallel import init_distributed, parallelize
-from ..runtime.schedule import lr_at, scaled_lr, set_lr
+from ..runtime.schedule import fit_warmup, lr_at, scaled_lr, set_lr
+from ..runtime.threads import set_threads
 from ..runtime.summary import pretrain_summary, run_command
 
 
@@ -68,7 +69,11 @@ class Trainer:
         self.plan = plan_batch(t.batch_size, int(os.environ.get("WORLD_SIZE", 1)), t.accum, t.micro_batch)
         if t.wandb:
             require_wandb()
+        self.threads_line = set_threads(t.threads)  # before any work: torch's default can oversubscribe a CPU
+        labelled = d.knn_data or d.data         # an evaluation root (train/ + val/) before it becomes its train/
         d.data = data_mod.pretraining_root(d.data)
+        if t.knn_every and d.knn_data is None and labelled != d.data:
+            d.knn_data = labelled                # recorded, so --config config.json monitors the same splits
         self.source = data_mod.open_source(d.data, m.img_size, d.synthetic_size, split="train")
         config_mod.check_channels(cfg, self.source.channels)
         torch.manual_seed(t.seed)                    # identical initial weights on every rank
@@ -94,11 +99,16 @@ class Trainer:
         self.workers = data_mod.resolve_workers(d.workers)
         self.dataset = data_mod.AugmentedDataset(self.source, augment, t.seed)
         self.batches = data_mod.ShardedBatches(len(self.source), self.plan.per_rank, rank, world, t.seed)
-        self.knn_loaders = (labelled_loaders(d.knn_data or d.data, m.img_size, mean, std, self.plan.per_rank, rank, world,
-                                             limit=t.knn_images, seed=t.seed) if t.knn_every else None)
+        self.knn_loaders = (self._knn_loaders(labelled, mean, std) if t.knn_every else None)
         steps_per_epoch = max(1, self.batches.per_epoch // self.plan.accum)
         self.total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
-        self.warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
+        if o.warmup_steps is not None:
+            warmup, how = o.warmup_steps, f"--warmup-steps {o.warmup_steps}"
+        elif o.warmup_frac is not None:
+            warmup, how = round(o.warmup_frac * self.total_steps), f"--warmup-frac {o.warmup_frac:g}"
+        else:
+            warmup, how = round(o.warmup_epochs * steps_per_epoch), f"--warmup-epochs {o.warmup_epochs:g}"
+        self.warmup, warmup_note = fit_warmup(warmup, self.total_steps, how)
         self.global_batch = self.plan.global_batch
         self.peak_lr = scaled_lr(o.blr, self.global_batch)
 
@@ -146,6 +156,8 @@ class Trainer:
                                  "--resume latest to continue that run, or --force to start from scratch beside "
                                  "them (a new branch; nothing is deleted)")
             self._say(f"--force: starting from scratch; the checkpoints in {t.out} are kept, this run writes a new branch")
+        for line in [*cfg.notes, *([warmup_note] if warmup_note else []), self.threads_line]:
+            self._say(line)
         if self.dist.is_main:   # only once the resume is known to be valid: a refused one changes nothing
             atomic_text(os.path.join(t.out, "config.json"), config_mod.dumps(cfg), "train")
             print(f"config ({cfg.preset} preset + flags):\n{config_mod.dumps(cfg)}", flush=True)
@@ -153,6 +165,18 @@ class Trainer:
                                      config=config_mod.to_dict(cfg), metric_tags=("loss", "knn_top1"),
                                      wandb={"project": t.wandb_project} if t.wandb else None)
         self.peak = peak_flops(self.device)
+
+    def _knn_loaders(self, labelled: str, mean, std):
+        """The k-NN monitor's loaders; data without labelled splits is one line naming --knn-data."""
+        t = self.cfg.train
+        try:
+            return labelled_loaders(labelled, self.cfg.model.img_size, mean, std, self.plan.per_rank, self.dist.rank,
+                                    self.dist.world, limit=t.knn_images, seed=t.seed)
+        except data_mod.DataError as e:
+            flag = "--knn-data" if self.cfg.data.knn_data else "--data (the k-NN monitor's default)"
+            raise ValueError(f"--knn-every {t.knn_every}: {flag} {labelled} has no labelled train and validation "
+                             f"splits ({e}); pass --knn-data DIR, a directory holding train/ and val/ class folders "
+                             "(or digits, or CIFAR pickles)") from None
 
     def _say(self, text: str) -> None:
         if self.dist.is_main:
@@ -229,7 +253,7 @@ class Trainer:
             last = self.step == self.total_steps
             stop = self.preempt.requested()                # SIGTERM / SIGINT on any rank: all stop here
             save = last or (t.ckpt_every and self.step % t.ckpt_every == 0) or stop
-            knn = (knn_accuracy(self.model, *self.knn_loaders, k=t.knn_k, device=self.device)
+            knn = (knn_evaluate(self.model, *self.knn_loaders, k=t.knn_k, device=self.device)
                    if t.knn_every and (self.step % t.knn_every == 0 or last) else None)
             if save or self.step % t.log_every == 0 or knn is not None:
                 losses = self._check_losses(pending)       # never checkpoint a non-finite model
@@ -237,7 +261,7 @@ class Trainer:
                 images = (self.step - tick_step) * self.global_batch
                 record = self._record(losses, None if grad_norm is None else _local(grad_norm), skipped, images / elapsed, order)
                 if knn is not None:
-                    record["knn_top1"] = knn
+                    record.update(knn_top1=knn["top1"], knn_images=knn["val_images"])
                 # Time the slowest rank spent blocked on its loader (the others then wait in collectives).
                 [wait] = collectives.all_reduce_values([stream.take_wait()], op=dist.ReduceOp.MAX)
                 record.update(data_wait_s=wait / (self.step - tick_step), data_wait_frac=wait / elapsed)
