@@ -101,9 +101,11 @@ def _shares_blocks(sd: dict) -> bool:
 
 
 def _family(sd: dict) -> str:
-    """'randsac', 'saim' (our layout), 'saim_official', 'timm' or 'unknown', from key names alone."""
+    """'randsac', 'saim', 'aim' (our layout), 'saim_official', 'timm' or 'unknown', from key names alone."""
     if "blocks.0.attn.q.weight" in sd:
         return "saim_official"
+    if "head_norm.weight" in sd and "head.weight" in sd:
+        return "aim"
     if any(k.startswith("decoder_blocks.") for k in sd) or ("head.weight" in sd and "decoder_norm.weight" in sd):
         return "randsac"
     if any(k.startswith("query_blocks.") for k in sd) or "prediction_head.weight" in sd \
@@ -117,6 +119,7 @@ def _family(sd: dict) -> str:
 _FAMILY_WORDS = {
     "randsac": "a RandSAC model (decoder_blocks.*)",
     "saim": "a SAIM model in randsac_fast's layout (fused attn.qkv)",
+    "aim": "an AIM model (one prefix-causal trunk, head_blocks.* MLP head)",
     "saim_official": "an official SAIM checkpoint (separate attn.q/k/v)",
     "timm": "a plain ViT encoder (timm layout: attn.qkv, no decoder or query stream)",
     "unknown": "no model this package knows",
@@ -511,6 +514,8 @@ def _infer_overrides(sd: dict, family: str) -> dict:
     if family == "randsac":
         out["decoder_depth"] = _block_count(sd, "decoder_blocks")
         out["skip_memory"] = "skip_weight" in sd
+    elif family == "aim":
+        out["head_depth"] = _block_count(sd, "head_blocks")
     else:
         out["share_weight"] = _shares_blocks(sd)
         if not out["share_weight"]:
@@ -585,9 +590,9 @@ def load_model(path: str, name: str | None = None, *, backend: str = "auto", **o
         if name is not None and not name.startswith("saim"):
             raise ValueError(f"--model {name} but {path} is an official SAIM checkpoint; use a saim_vit_* name or none")
         return from_saim_official(sd, backend=backend, **overrides).eval(), {}
-    if family not in ("randsac", "saim"):
-        raise ValueError(f"{path} holds {_FAMILY_WORDS[family]} (keys: {_listing(sd, 6)}); expected a RandSAC or "
-                         "SAIM state dict")
+    if family not in ("randsac", "saim", "aim"):
+        raise ValueError(f"{path} holds {_FAMILY_WORDS[family]} (keys: {_listing(sd, 6)}); expected a RandSAC, "
+                         "SAIM or AIM state dict")
     if name is None:
         raise ValueError(f"{path} is a plain state dict of {_FAMILY_WORDS[family]}, which does not record the model "
                          f"name; pass --model {family}_vit_{{tiny,small,base,large}} (and --set num_heads=... if "
