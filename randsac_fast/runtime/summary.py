@@ -157,6 +157,8 @@ def pretrain_summary(out: str, checkpoint: str | None, data: str, probe: dict | 
                                         "--out", os.path.join(out, "linprobe"))
         if labelled is None:
             steps["linear probe"] += "    # LABELLED_DIR: a directory with train/ and val/ class folders"
+        steps["attn probe"] = command("attnprobe", "--ckpt", checkpoint, "--data", labelled or "LABELLED_DIR",
+                                           "--out", os.path.join(out, "attnprobe"))
         try:
             import safetensors  # noqa: F401
             export = ("--out", os.path.join(out, "vit_timm.safetensors"), "--safetensors")
