@@ -38,31 +38,34 @@ def test_bad_heads_are_refused_with_the_fix():
         attnprobe.AttentivePoolingHead(10, 3, 2)
 
 
-def test_attention_finds_the_token_that_average_pooling_dilutes():
-    """The label lives in one token among 16, marked by a feature: the attentive head learns to read
-    it; a linear head on the average (the linear probe's features) stays near chance."""
-    g = torch.Generator().manual_seed(0)
-    b, n, d = 256, 16, 16
+def _marked(b, n, d, g):
+    """[b, n, d] tokens whose label (sign of feature 1) lives in one token, marked by feature 0."""
     labels = torch.randint(0, 2, (b,), generator=g)
     x = torch.randn(b, n, d, generator=g)
     where = torch.randint(0, n, (b,), generator=g)
     x[torch.arange(b), where, 0] = 6.0                             # the marker
     x[torch.arange(b), where, 1] = (2 * labels - 1).float() * 3.0  # the label, only in the marked token
-    torch.manual_seed(0)
-    attentive = attnprobe.AttentivePoolingHead(d, 1, 2)
-    linear = linprobe.ProbeHead(d, 2)
+    return x, labels
 
-    def fit(head, inputs):
+
+def test_attention_finds_the_token_that_average_pooling_dilutes():
+    """The label lives in one token among 16, marked by a feature: the attentive head learns to read
+    it; a linear head on the average (the linear probe's features) does much worse on held-out data."""
+    g = torch.Generator().manual_seed(0)
+    (x, y), (x_test, y_test) = _marked(256, 16, 16, g), _marked(512, 16, 16, g)
+    torch.manual_seed(0)
+
+    def fit(head, inputs, test_inputs):
         opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.0)
         for _ in range(200):
             opt.zero_grad()
-            F.cross_entropy(head(inputs), labels).backward()
+            F.cross_entropy(head(inputs), y).backward()
             opt.step()
         head.eval()
-        return (head(inputs).argmax(1) == labels).float().mean().item()
+        return (head(test_inputs).argmax(1) == y_test).float().mean().item()
 
-    acc_attn = fit(attentive, x)
-    acc_lin = fit(linear, x.mean(1))
+    acc_attn = fit(attnprobe.AttentivePoolingHead(16, 1, 2), x, x_test)
+    acc_lin = fit(linprobe.ProbeHead(16, 2), x.mean(1), x_test.mean(1))
     assert acc_attn > 0.95 and acc_lin < 0.8, (acc_attn, acc_lin)
 
 
