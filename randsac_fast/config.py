@@ -195,6 +195,14 @@ PRESETS: dict[str, tuple[str, dict]] = {
              blur_sigma=1.0, norm_pix=True, order="random", data="imagenet", crop_scale=(0.67, 1.0),
              blr=2e-4, weight_decay=0.05, betas=(0.9, 0.95), batch_size=2048, warmup_epochs=30,
              epochs=800, out="runs/saim_in1k_vitb")),
+    "saim_digits": (
+        "SAIM on the digits demo's scale, for comparing methods at equal steps: a tiny SAIM ViT (4 content blocks, "
+        "one query block after each, width 64) on the 8x8 digits with 2x2 patches, random order, no blur and "
+        "norm-pix off (2x2 patches of one channel), global batch 128, 1500 steps, then the linear probe",
+        dict(model="saim_vit_tiny", img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=2, query_depth=4,
+             blur_kernel=0, norm_pix=False, order="random", data="digits", crop_scale=(0.8, 1.0), hflip=False,
+             batch_size=128, blr=8e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=20, steps=1500,
+             log_every=100, probe=True, out="runs/saim_digits")),
     "aim_digits": (
         "AIM-style demo: a tiny prefix-causal ViT (4 blocks, width 64, 2-block MLP head) on the 8x8 digits "
         "with 2x2 patches, raster order with a random prefix of 1..15 tokens per image, norm-pix off (2x2 "

@@ -25,7 +25,8 @@ from .. import config as config_mod
 from .. import interop
 from . import linprobe
 
-__all__ = ["AttentivePoolingHead", "patch_tokens", "build_parser", "ATTENTIVE", "run", "main"]
+__all__ = ["AttentivePoolingHead", "patch_tokens", "attentive_probe_accuracy", "build_parser", "ATTENTIVE", "run",
+           "main"]
 
 
 class AttentivePoolingHead(nn.Module):
@@ -60,6 +61,43 @@ def patch_tokens(model: nn.Module, images: Tensor) -> Tensor:
     """images [B, C, H, W] -> [B, N, D] fp32: the encoder's normed last-block patch tokens (a cls
     token, where the model has one, is left out)."""
     return model.forward_features(images)[:, model.num_prefix_tokens:].float()
+
+
+@torch.no_grad()
+def _tokens(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    model.eval()
+    return torch.cat([patch_tokens(model, images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+
+
+def attentive_probe_accuracy(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], *,
+                             epochs: int = 100, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.05,
+                             seed: int = 0) -> float:
+    """The in-memory attentive probe (the quick counterpart of :func:`..probe.linear_probe_accuracy`
+    for small labelled sets such as digits): the frozen encoder's patch tokens of the un-augmented
+    ``train`` images are computed once, the head trains with AdamW (cosine decay, no warm-up) and
+    is scored on ``test``. Deterministic for a given ``seed``."""
+    x_train, x_test = _tokens(model, train[0]), _tokens(model, test[0])
+    y_train = train[1].long()
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = AttentivePoolingHead(x_train.shape[-1], model.config.num_heads, int(y_train.max()) + 1)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, -(-len(y_train) // batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y_train), generator=g)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    head.eval()
+    with torch.no_grad():
+        return float((head(x_test).argmax(1) == test[1].long()).float().mean())
 
 
 def build_parser() -> argparse.ArgumentParser:
