@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import models
-from .models import SAIM, RandSAC, SAIMConfig
+from .models import AIM, SAIM, RandSAC, SAIMConfig
 from .runtime.summary import print_summary, run_command
 
 __all__ = ["to_timm", "timm_kwargs", "timm_architecture", "timm_config", "export_timm", "from_saim_official", "saim_official_config", "interpolate_pos_embed",
@@ -160,14 +160,15 @@ def interpolate_pos_embed(pos_embed: Tensor, new_grid, *, old_grid=None, num_pre
 # Export to timm
 # --------------------------------------------------------------------------------------------
 def _check_model(model) -> None:
-    if not isinstance(model, (RandSAC, SAIM)):
-        raise TypeError(f"expected a RandSAC or SAIM model from randsac_fast.models.build; got {type(model).__name__}")
+    if not isinstance(model, (RandSAC, SAIM, AIM)):
+        raise TypeError(f"expected a RandSAC, SAIM or AIM model from randsac_fast.models.build; got "
+                        f"{type(model).__name__}")
 
 
 def to_timm(model: nn.Module, *, fc_norm: bool = False) -> dict[str, Tensor]:
     """The encoder of ``model`` as a timm ``VisionTransformer`` state dict (CPU tensors).
 
-    Keys: ``patch_embed.proj.*``, ``pos_embed`` ([1, N, D] for RandSAC, [1, 1 + N, D] with the cls
+    Keys: ``patch_embed.proj.*``, ``pos_embed`` ([1, N, D] for RandSAC and AIM, [1, 1 + N, D] with the cls
     row for SAIM), ``cls_token`` (SAIM only), ``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2,
     mlp.fc1, mlp.fc2}.*`` and the final norm as ``norm.*`` — or as ``fc_norm.*`` with
     ``fc_norm=True`` (timm's avg-pool default, which normalises the pooled vector instead of each
@@ -178,7 +179,7 @@ def to_timm(model: nn.Module, *, fc_norm: bool = False) -> dict[str, Tensor]:
     out = {}
     if isinstance(model, SAIM):
         out["cls_token"] = sd["cls_token"]
-    out["pos_embed"] = model.pos_embed        # RandSAC keeps it as a non-persistent buffer
+    out["pos_embed"] = model.pos_embed        # RandSAC and AIM keep it as a non-persistent buffer
     out.update({k: v for k, v in sd.items() if k.startswith(("patch_embed.", "blocks."))})
     norm = "fc_norm" if fc_norm else "norm"
     out[f"{norm}.weight"], out[f"{norm}.bias"] = sd["norm.weight"], sd["norm.bias"]
@@ -193,8 +194,8 @@ def timm_kwargs(model: nn.Module, *, fc_norm: bool = False, global_pool: str = "
     _check_model(model)
     if global_pool not in ("avg", "token"):
         raise ValueError(f"global_pool must be 'avg' or 'token'; got {global_pool!r}")
-    if global_pool == "token" and isinstance(model, RandSAC):
-        raise ValueError("global_pool='token' needs a cls token, which RandSAC does not have; use 'avg'")
+    if global_pool == "token" and not isinstance(model, SAIM):
+        raise ValueError(f"global_pool='token' needs a cls token, which {type(model).__name__} does not have; use 'avg'")
     blk = model.blocks[0]
     return dict(img_size=tuple(model.img_size), patch_size=model.patch_size, in_chans=model.in_chans,
                 embed_dim=model.config.embed_dim, depth=len(model.blocks), num_heads=blk.attn.num_heads,
