@@ -70,12 +70,14 @@ def _tokens(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
 
 
 def attentive_probe_accuracy(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], *,
-                             epochs: int = 100, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.05,
+                             epochs: int = 100, batch_size: int = 256, lr: float = 1e-2, weight_decay: float = 0.5,
                              seed: int = 0) -> float:
     """The in-memory attentive probe (the quick counterpart of :func:`..probe.linear_probe_accuracy`
     for small labelled sets such as digits): the frozen encoder's patch tokens of the un-augmented
     ``train`` images are computed once, the head trains with AdamW (cosine decay, no warm-up) and
-    is scored on ``test``. Deterministic for a given ``seed``."""
+    is scored on ``test``. Deterministic for a given ``seed``. lr and weight decay were chosen on a
+    validation split carved out of digits' *training* images (lr 1e-3 / 3e-3 / 1e-2 x wd 0.05 / 0.5,
+    three pre-trained digits encoders, two probe seeds each); the test split played no part."""
     x_train, x_test = _tokens(model, train[0]), _tokens(model, test[0])
     y_train = train[1].long()
     g = torch.Generator().manual_seed(seed)
