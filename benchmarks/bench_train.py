@@ -1,6 +1,6 @@
-"""Benchmark: end-to-end training steps of ViT-B RandSAC and SAIM, dense reference vs our backends.
+"""Benchmark: end-to-end training steps of ViT-B RandSAC, SAIM and AIM, dense reference vs our backends.
 
-    python benchmarks/bench_train.py [--model randsac|saim|both] [--quick] [--out benchmarks/results/]
+    python benchmarks/bench_train.py [--model randsac|saim|aim|both|all] [--quick] [--out benchmarks/results/]
 
 One training step = forward, backward and an AdamW step (fused on CUDA) on synthetic images,
 bf16 autocast, one device, for each model:
@@ -8,6 +8,8 @@ bf16 autocast, one device, for each model:
 * RandSAC-192: ``randsac_vit_base`` (192 px, P=16, 12x12 grid, 8-layer decoder, skip memory on),
   order ``square:16/4``.
 * SAIM-224: ``saim_vit_base`` (224 px, P=16, query_depth 12, blur 9), order ``random``.
+* AIM-224: ``aim_vit_base`` (224 px, P=14, 16x16 grid, 12-block MLP head), order ``prefix`` (a
+  prefix-causal mask, the prefix drawn per image). ``both`` = RandSAC + SAIM, ``all`` adds AIM.
 
 Rows, all in one run so the ratios are side by side:
 
@@ -80,12 +82,15 @@ def setups(tiny: bool) -> dict[str, Setup]:
                              dense.randsac_loss_dense),
             "saim": Setup("saim", lambda: models.build("saim_vit_tiny", **small, query_depth=2), "random",
                           dense.saim_loss_dense),
+            "aim": Setup("aim", lambda: models.build("aim_vit_tiny", **small, head_depth=2), "prefix",
+                         dense.aim_loss_dense),
         }
     return {
         "randsac": Setup("randsac", lambda: models.build("randsac_vit_base", skip_memory=True), "square:16/4",
                          dense.randsac_loss_dense),
         "saim": Setup("saim", lambda: models.build("saim_vit_base", query_depth=12), "random",
                       dense.saim_loss_dense),
+        "aim": Setup("aim", lambda: models.build("aim_vit_base"), "prefix", dense.aim_loss_dense),
     }
 
 
@@ -304,7 +309,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["randsac", "saim", "both"], default="both")
+    p.add_argument("--model", choices=["randsac", "saim", "aim", "both", "all"], default="both",
+                   help="both: randsac and saim; all: also aim")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 128; quick 64; tiny 4)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; quick 8)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first, incl. compilation (default 5; quick 3)")
@@ -369,7 +375,8 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     peak = peak_tflops(device, args.peak_tflops)
     all_setups = setups(args.tiny)
-    chosen = [all_setups[m] for m in (["randsac", "saim"] if args.model == "both" else [args.model])]
+    names = {"both": ["randsac", "saim"], "all": ["randsac", "saim", "aim"]}.get(args.model, [args.model])
+    chosen = [all_setups[m] for m in names]
     unavailable = {b: why for b in args.backends if (why := probe_backend(b, device))}
     ops.set_checks(False)     # the orders are validated once (Runner); as in the trainer after step 1
 

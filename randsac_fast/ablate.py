@@ -4,13 +4,19 @@
 [--out DIR] [training flags...]`` — the small-scale analogue of RandSAC's Table 1 (raster vs random
 vs square vs blob segments, hierarchical orders, incoherent segments) and SAIM's order study.
 
+``python -m randsac_fast.ablate --presets digits,saim_digits,aim_digits`` compares methods instead:
+one cell per (preset, seed), each preset with its own model and order (RandSAC, SAIM, AIM at equal
+steps on digits); ``--specs`` then applies the listed orders to every preset.
+
 Every cell is an ordinary training run (``randsac_fast.train``'s trainer, one process, the preset
 given by ``--preset``, default digits, plus any training flags) in ``DIR/cells/<spec>_seed<k>``,
 followed by two evaluations of the frozen encoder on the labelled splits of ``--data``:
 
 * ``probe``: the linear probe of :mod:`randsac_fast.eval.probe` (logistic regression on the
   avg-pooled final features, as the trainer's end-of-run probe);
-* ``knn``: the k-NN monitor of :mod:`randsac_fast.eval.knn` (weighted 20-NN, cosine).
+* ``knn``: the k-NN monitor of :mod:`randsac_fast.eval.knn` (weighted 20-NN, cosine);
+* ``attn``: the attentive probe of :mod:`randsac_fast.eval.attnprobe` (AIM's attention-pooling head
+  on the frozen patch tokens, trained in memory).
 
 A finished cell (its ``result.json``) is never rerun, and an interrupted one resumes from its last
 checkpoint, so the command is resumable. Outputs in ``DIR``: ``ablation.json`` (every cell and a
@@ -43,8 +49,11 @@ __all__ = ["main", "run", "DEFAULT_SPECS", "summarise"]
 DEFAULT_SPECS = ("raster", "random", "square:4", "blob:4", "square:16/4", "blob:8/4", "incoherent:4")
 
 
-def _cell_name(spec: str, seed: int) -> str:
-    return f"{spec.replace(':', '-').replace('/', '_')}_seed{seed}"
+def _cell_name(label: str, seed: int) -> str:
+    return f"{label.replace(':', '-').replace('/', '_')}_seed{seed}"
+
+#: The evaluations of a cell, in the tables' order: result key -> what it is.
+METRICS = {"probe": "linear probe", "knn": "k-NN (k=20)", "attn": "attentive probe"}
 
 
 def _parse_list(text: str, kind=str) -> list:
@@ -59,12 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m randsac_fast.ablate",
         description="Order ablation: pre-train one encoder per (order spec, seed), then linear-probe and "
                     "k-NN it. Unknown flags are training flags (see python -m randsac_fast.train --help).")
-    p.add_argument("--specs", default=",".join(DEFAULT_SPECS),
+    p.add_argument("--specs", default=None,
                    help=f"comma-separated order specs (default {','.join(DEFAULT_SPECS)}); specs that do not "
                         "fit the model's token grid are reported and skipped")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--out", default="runs/ablation", help="output directory (default runs/ablation)")
     p.add_argument("--preset", default="digits", help="training preset of every cell (default digits)")
+    p.add_argument("--presets", default=None,
+                   help="comma-separated presets to compare (e.g. digits,saim_digits,aim_digits): one cell per "
+                        "(preset, seed), each with the preset's own order unless --specs is given")
     p.add_argument("--eval-images", type=int, default=10000,
                    help="at most this many images of each labelled split for probe and k-NN (default 10000)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
@@ -96,6 +108,7 @@ def _train_cell(cfg: config_mod.Config, eval_images: int) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from . import models
+    from .eval.attnprobe import attentive_probe_accuracy
     from .eval.knn import knn_accuracy
     from .eval.probe import linear_probe_accuracy
     from .train.trainer import Trainer
@@ -117,7 +130,9 @@ def _train_cell(cfg: config_mod.Config, eval_images: int) -> dict:
     train, val = _labelled_tensors(cfg.data.data, m.img_size, *norm, eval_images, t.seed)
     probe = linear_probe_accuracy(encoder, train, val)
     knn = knn_accuracy(encoder, _chunks(*train), _chunks(*val), k=t.knn_k)
-    return {"spec": t.order, "seed": t.seed, "probe": probe, "knn": knn, "steps": steps,
+    attn = attentive_probe_accuracy(encoder, train, val, seed=t.seed)
+    return {"spec": t.order, "preset": cfg.preset, "seed": t.seed, "probe": probe, "knn": knn, "attn": attn,
+            "steps": steps,
             "train_s": round(train_s, 2), "eval_s": round(time.perf_counter() - start - train_s, 2),
             "knn_k": t.knn_k, "in_chans": trainer.source.channels, "config": config_mod.to_dict(cfg)}
 
@@ -167,31 +182,42 @@ def _stats(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "seeds": values}
 
 
+def _label(cell: dict) -> str:
+    return cell.get("label", cell["spec"])
+
+
+def metrics_of(cells: list[dict]) -> list[str]:
+    """The evaluations every cell has (cells written before the attentive probe have none)."""
+    return [m for m in METRICS if cells and all(m in c for c in cells)]
+
+
 def summarise(cells: list[dict], specs: list[str]) -> dict:
-    """Per spec: mean / std / per-seed of probe and k-NN; and whether the two agree."""
-    per_spec = {}
+    """Per cell label (an order spec, or a preset): mean / std / per-seed of every evaluation; and
+    whether the linear probe and k-NN agree."""
+    per_spec, metrics = {}, metrics_of(cells)
     for spec in specs:
-        mine = sorted((c for c in cells if c["spec"] == spec), key=lambda c: c["seed"])
+        mine = sorted((c for c in cells if _label(c) == spec), key=lambda c: c["seed"])
         if mine:
-            per_spec[spec] = {"probe": _stats([c["probe"] for c in mine]), "knn": _stats([c["knn"] for c in mine]),
+            per_spec[spec] = {**{m: _stats([c[m] for c in mine]) for m in metrics},
                               "seeds": [c["seed"] for c in mine]}
     names = list(per_spec)
     probe = [per_spec[s]["probe"]["mean"] for s in names]
     knn = [per_spec[s]["knn"]["mean"] for s in names]
     best_probe = names[probe.index(max(probe))] if names else None
     best_knn = names[knn.index(max(knn))] if names else None
-    return {"specs": per_spec, "rank_correlation": _spearman(probe, knn), "best_by_probe": best_probe,
-            "best_by_knn": best_knn, "same_best": best_probe == best_knn}
+    return {"specs": per_spec, "metrics": metrics, "rank_correlation": _spearman(probe, knn),
+            "best_by_probe": best_probe, "best_by_knn": best_knn, "same_best": best_probe == best_knn}
 
 
 def table(summary: dict) -> str:
     """A markdown table: one row per spec, mean ± std over seeds, and the per-seed values."""
-    rows = ["| order spec | linear probe, mean ± std | per seed | k-NN (k=20), mean ± std | per seed |",
-            "|---|---|---|---|---|"]
+    metrics = summary.get("metrics", ["probe", "knn"])
+    rows = ["| cell | " + " | ".join(f"{METRICS[m]}, mean ± std | per seed" for m in metrics) + " |",
+            "|---|" + "---|---|" * len(metrics)]
     for spec, s in summary["specs"].items():
-        p, k = s["probe"], s["knn"]
-        rows.append(f"| `{spec}` | {p['mean']:.4f} ± {p['std']:.4f} | {', '.join(f'{v:.3f}' for v in p['seeds'])} "
-                    f"| {k['mean']:.4f} ± {k['std']:.4f} | {', '.join(f'{v:.3f}' for v in k['seeds'])} |")
+        rows.append(f"| `{spec}` | " + " | ".join(
+            f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f} | {', '.join(f'{v:.3f}' for v in s[m]['seeds'])}"
+            for m in metrics) + " |")
     rc = summary["rank_correlation"]
     rows.append("")
     rows.append(f"Best spec by linear probe: `{summary['best_by_probe']}`; by k-NN: `{summary['best_by_knn']}`; "
@@ -205,8 +231,11 @@ def plot(summary: dict, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     specs = list(summary["specs"])
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.4 * len(specs)) * 1.6, 3.8), sharey=False)
-    for ax, key, label in zip(axes, ("probe", "knn"), ("linear probe accuracy", "k-NN accuracy")):
+    metrics = summary.get("metrics", ["probe", "knn"])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(6, 1.4 * len(specs)) * 0.8 * len(metrics), 3.8),
+                             sharey=False, squeeze=False)
+    for ax, key in zip(axes[0], metrics):
+        label = f"{METRICS[key]} accuracy"
         means = [summary["specs"][s][key]["mean"] for s in specs]
         stds = [summary["specs"][s][key]["std"] for s in specs]
         xs = range(len(specs))
@@ -230,7 +259,14 @@ def plot(summary: dict, path: str, title: str) -> None:
 def run(argv=None) -> dict:
     """Run (or finish) the grid; write ablation.json / .md / .png; return the summary."""
     args, train_flags = build_parser().parse_known_args(argv)
-    specs, seeds = _parse_list(args.specs), _parse_list(args.seeds, int)
+    explicit_specs = args.specs is not None
+    presets = _parse_list(args.presets) if args.presets else [args.preset]
+    for preset in presets:
+        if preset not in config_mod.PRESETS:
+            raise ValueError(f"--presets: unknown preset {preset!r}; choose from {', '.join(config_mod.PRESETS)}")
+    compare = len(presets) > 1
+    specs = _parse_list(args.specs) if explicit_specs else list(DEFAULT_SPECS)
+    seeds = _parse_list(args.seeds, int)
     if args.eval_images < 1:
         raise ValueError(f"--eval-images must be >= 1; got {args.eval_images}")
     for flag in ("--order", "--seed", "--out", "--resume"):
@@ -241,53 +277,63 @@ def run(argv=None) -> dict:
             orders.parse_spec(spec)
         except ValueError as e:
             raise ValueError(f"--specs: {e}") from None
-    base = config_mod.parse_args(["--preset", args.preset, *train_flags, "--probe", "false"])
+    bases = {p: config_mod.parse_args(["--preset", p, *train_flags, "--probe", "false"]) for p in presets}
+    base = bases[presets[0]]
     from .runtime.threads import set_threads
     print(set_threads(base.train.threads), file=sys.stderr, flush=True)   # the evaluations run here too
     config_mod.check_args(args, {"out": config_mod.writable_dir()})
     lock = lock_run_dir(args.out, True, "ablate", args.force)   # its own directory, one ablation at a time
     try:
-        return _run_grid(args, train_flags, specs, seeds, base)
+        return _run_grid(args, train_flags, specs, seeds, bases, presets, explicit_specs, compare)
     finally:
         lock.release()
 
 
-def _run_grid(args, train_flags: list, specs: list, seeds: list, base) -> dict:
+def _run_grid(args, train_flags: list, specs: list, seeds: list, bases: dict, presets: list, explicit_specs: bool,
+              compare: bool) -> dict:
+    base = bases[presets[0]]
     os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
     grid = (base.model.img_size // base.model.patch_size,) * 2
+    # cells: (label, preset, order spec); a label names a spec (one preset) or a preset (comparing)
+    plan = []
+    for preset in presets:
+        for spec in (specs if explicit_specs or not compare else [bases[preset].train.order]):
+            label = spec if not compare else (preset if not explicit_specs else f"{preset}@{spec}")
+            plan.append((label, preset, spec))
     runnable, skipped = [], {}
-    for spec in specs:
+    for label, preset, spec in plan:
+        p_grid = (bases[preset].model.img_size // bases[preset].model.patch_size,) * 2
         try:
-            orders.check_fits(spec, grid)
-            runnable.append(spec)
+            orders.check_fits(spec, p_grid)
+            runnable.append((label, preset, spec))
         except ValueError as e:
-            skipped[spec] = str(e)
-            print(f"skipping {spec}: {e}", file=sys.stderr, flush=True)
+            skipped[label] = str(e)
+            print(f"skipping {label}: {e}", file=sys.stderr, flush=True)
     if not runnable:
         raise ValueError(f"no spec of --specs {args.specs} fits the {grid[0]}x{grid[1]} token grid "
                          f"({'; '.join(skipped.values())}); pass specs with fewer segments")
     cells = []
-    for spec in runnable:
+    for label, preset, spec in runnable:
         for seed in seeds:
-            cell_dir = os.path.join(args.out, "cells", _cell_name(spec, seed))
+            cell_dir = os.path.join(args.out, "cells", _cell_name(label, seed))
             result_path = os.path.join(cell_dir, "result.json")
-            cfg = config_mod.parse_args(["--preset", args.preset, *train_flags, "--probe", "false", "--order", spec,
+            cfg = config_mod.parse_args(["--preset", preset, *train_flags, "--probe", "false", "--order", spec,
                                          "--seed", str(seed), "--out", cell_dir, "--resume", "latest"])
             if os.path.exists(result_path):
                 with open(result_path) as fh:
-                    cells.append(json.load(fh))
+                    cells.append({**json.load(fh), "label": label})
                 _check_cell(cells[-1], cfg, result_path)
-                print(f"{spec} seed {seed}: done before (probe {cells[-1]['probe']:.4f}, k-NN {cells[-1]['knn']:.4f})",
+                print(f"{label} seed {seed}: done before (probe {cells[-1]['probe']:.4f}, k-NN {cells[-1]['knn']:.4f})",
                       flush=True)
                 continue
-            result = _train_cell(cfg, args.eval_images)
+            result = {**_train_cell(cfg, args.eval_images), "label": label}
             from .eval.probe import save_json
             save_json(result, result_path)
             cells.append(result)
-            print(f"{spec} seed {seed}: probe {result['probe']:.4f}, k-NN {result['knn']:.4f} "
-                  f"({result['train_s']:.0f} s)", flush=True)
-    summary = summarise(cells, runnable)
-    report = {"preset": args.preset, "train_flags": train_flags, "data": base.data.data, "seeds": seeds,
+            print(f"{label} seed {seed}: probe {result['probe']:.4f}, k-NN {result['knn']:.4f}, attentive probe "
+                  f"{result['attn']:.4f} ({result['train_s']:.0f} s)", flush=True)
+    summary = summarise(cells, [label for label, _, _ in runnable])
+    report = {"preset": args.preset, "presets": presets, "train_flags": train_flags, "data": base.data.data, "seeds": seeds,
               "grid": list(grid), "skipped": skipped, "config": config_mod.to_dict(base), "torch": torch.__version__,
               "cells": cells, "summary": summary}
     from .eval.probe import save_json
@@ -295,8 +341,9 @@ def _run_grid(args, train_flags: list, specs: list, seeds: list, base) -> dict:
     atomic_text(os.path.join(args.out, "ablation.md"), table(summary), "ablate")
     print(table(summary), flush=True)
     if not args.no_plot:
-        plot(summary, os.path.join(args.out, "ablation.png"),
-             f"order ablation: {base.data.data}, {base.model.model}, {base.train.steps} steps, seeds {seeds}")
+        what = (f"method comparison: {base.data.data}, {', '.join(presets)}" if compare
+                else f"order ablation: {base.data.data}, {base.model.model}")
+        plot(summary, os.path.join(args.out, "ablation.png"), f"{what}, {base.train.steps} steps, seeds {seeds}")
     return summary
 
 

@@ -33,7 +33,7 @@ def doc(text: str, default=None, **kw):
 
 @dataclass
 class ModelConfig:
-    model: str = doc("model name: randsac_vit_{tiny,small,base,large} or saim_vit_{tiny,small,base,large}",
+    model: str = doc("model name: randsac_vit_{tiny,small,base,large}, saim_vit_{...} or aim_vit_{...}",
                      "randsac_vit_tiny")
     img_size: int = doc("input image side in pixels (images are cropped/resized to it)", 32)
     patch_size: int = doc("patch side in pixels; img_size must be a multiple of it", 4)
@@ -46,6 +46,7 @@ class ModelConfig:
     share_weight: bool | None = doc("SAIM: query stream shares the encoder's weights")
     head: str | None = doc("SAIM prediction head: mlp or linear")
     skip_memory: bool | None = doc("RandSAC: trainable skip connections from every encoder layer")
+    head_depth: int | None = doc("AIM: residual MLP blocks of the prediction head (None: the model's default)")
     blur_kernel: int | None = doc("Gaussian blur kernel of the targets (0: none; SAIM uses 9)")
     blur_sigma: float | None = doc("Gaussian blur sigma of the targets")
     norm_pix: bool | None = doc("regress per-patch normalised pixels (MAE norm-pix)")
@@ -95,7 +96,7 @@ class TrainConfig:
                             "that keep each rank's micro-batch within --micro-batch; 1 without it)")
     micro_batch: int | None = doc("largest micro-batch per rank, for memory (None: no cap)")
     seed: int = doc("random seed (model init, data order, augmentation, segment orders)", 0)
-    order: str = doc("segment-order spec, e.g. random, raster, square:16/4, blob:11/5", "square:16/4")
+    order: str = doc("segment-order spec, e.g. random, raster, square:16/4, blob:11/5, prefix", "square:16/4")
     resume: str | None = doc("'latest' (newest checkpoint in --out) or a checkpoint directory")
     ckpt_every: int = doc("save a checkpoint every K optimizer steps (0: only at the end)", 0)
     keep: int = doc("keep the last K checkpoints", 2)
@@ -210,6 +211,31 @@ PRESETS: dict[str, tuple[str, dict]] = {
         dict(model="randsac_vit_tiny", img_size=64, patch_size=8, decoder_depth=3, order="square:16/4",
              norm_pix=True, crop_scale=(0.2, 1.0), hflip=True, blr=1e-3, weight_decay=0.05, betas=(0.9, 0.95),
              batch_size=64, warmup_frac=0.05, epochs=100, out="runs/folder")),
+    "saim_digits": (
+        "SAIM on the digits demo's scale, for comparing methods at equal steps: a tiny SAIM ViT (4 content blocks, "
+        "one query block after each, width 64) on the 8x8 digits with 2x2 patches, random order, no blur and "
+        "norm-pix off (2x2 patches of one channel), global batch 128, 1500 steps, then the linear probe",
+        dict(model="saim_vit_tiny", img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=2, query_depth=4,
+             blur_kernel=0, norm_pix=False, order="random", data="digits", crop_scale=(0.8, 1.0), hflip=False,
+             batch_size=128, blr=8e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=20, steps=1500,
+             log_every=100, probe=True, out="runs/saim_digits")),
+    "aim_digits": (
+        "AIM-style demo: a tiny prefix-causal ViT (4 blocks, width 64, 2-block MLP head) on the 8x8 digits "
+        "with 2x2 patches, raster order with a random prefix of 1..15 tokens per image, norm-pix off (2x2 "
+        "patches of one channel hold 4 values), global batch 128, 1500 steps, then the linear probe",
+        dict(model="aim_vit_tiny", img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=2, head_depth=2,
+             norm_pix=False, order="prefix", data="digits", crop_scale=(0.8, 1.0), hflip=False, batch_size=128,
+             blr=8e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=20, steps=1500, log_every=100,
+             probe=True, out="runs/aim_digits")),
+    "aim_in1k_vitb": (
+        "AIM (El-Nouby et al.) recipe on a ViT-B trunk (the paper's smallest model is 0.6B; ViT-B is this "
+        "package's size): 224 px, P=14, raster order with a prefix drawn uniformly per image (1..N-1), "
+        "norm-pix MSE on the non-prefix patches, a 12-block MLP head, AdamW betas (0.9, 0.95) wd 0.05, "
+        "cosine schedule, global batch 4096; blr, warm-up and length are this package's choice (MAE-style), "
+        "not the paper's",
+        dict(model="aim_vit_base", img_size=224, patch_size=14, head_depth=12, norm_pix=True, order="prefix",
+             data="imagenet", crop_scale=(0.4, 1.0), blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95),
+             batch_size=4096, warmup_epochs=40, epochs=800, out="runs/aim_in1k_vitb")),
 }
 
 # Each method's recipe: what a --model of that family brings when the preset in use was written for
@@ -783,7 +809,7 @@ RULES: dict[str, Rule] = {
     "embed_dim": optional(at_least(1)), "depth": optional(at_least(1)), "num_heads": optional(at_least(1)),
     "decoder_depth": optional(at_least(1)), "decoder_num_heads": optional(at_least(1)),
     "query_depth": optional(at_least(1)), "share_weight": optional(boolean()),
-    "head": optional(one_of("mlp", "linear")), "skip_memory": optional(boolean()),
+    "head": optional(one_of("mlp", "linear")), "skip_memory": optional(boolean()), "head_depth": optional(at_least(0)),
     "blur_kernel": optional(odd_or_zero()), "blur_sigma": optional(positive()), "norm_pix": optional(boolean()),
     "loss": optional(one_of("mse", "l1")),
     "backend": one_of("auto", "reference", "sdpa", "sdpa_causal", "flex", "xformers", "triton", "cuda"),

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import models
-from .models import SAIM, RandSAC, SAIMConfig
+from .models import AIM, SAIM, RandSAC, SAIMConfig
 from .runtime.summary import print_summary, run_command
 
 __all__ = ["to_timm", "timm_kwargs", "timm_architecture", "timm_config", "export_timm", "from_saim_official", "saim_official_config", "interpolate_pos_embed",
@@ -101,9 +101,11 @@ def _shares_blocks(sd: dict) -> bool:
 
 
 def _family(sd: dict) -> str:
-    """'randsac', 'saim' (our layout), 'saim_official', 'timm' or 'unknown', from key names alone."""
+    """'randsac', 'saim', 'aim' (our layout), 'saim_official', 'timm' or 'unknown', from key names alone."""
     if "blocks.0.attn.q.weight" in sd:
         return "saim_official"
+    if "head_norm.weight" in sd and "head.weight" in sd:
+        return "aim"
     if any(k.startswith("decoder_blocks.") for k in sd) or ("head.weight" in sd and "decoder_norm.weight" in sd):
         return "randsac"
     if any(k.startswith("query_blocks.") for k in sd) or "prediction_head.weight" in sd \
@@ -117,6 +119,7 @@ def _family(sd: dict) -> str:
 _FAMILY_WORDS = {
     "randsac": "a RandSAC model (decoder_blocks.*)",
     "saim": "a SAIM model in randsac_fast's layout (fused attn.qkv)",
+    "aim": "an AIM model (one prefix-causal trunk, head_blocks.* MLP head)",
     "saim_official": "an official SAIM checkpoint (separate attn.q/k/v)",
     "timm": "a plain ViT encoder (timm layout: attn.qkv, no decoder or query stream)",
     "unknown": "no model this package knows",
@@ -157,14 +160,15 @@ def interpolate_pos_embed(pos_embed: Tensor, new_grid, *, old_grid=None, num_pre
 # Export to timm
 # --------------------------------------------------------------------------------------------
 def _check_model(model) -> None:
-    if not isinstance(model, (RandSAC, SAIM)):
-        raise TypeError(f"expected a RandSAC or SAIM model from randsac_fast.models.build; got {type(model).__name__}")
+    if not isinstance(model, (RandSAC, SAIM, AIM)):
+        raise TypeError(f"expected a RandSAC, SAIM or AIM model from randsac_fast.models.build; got "
+                        f"{type(model).__name__}")
 
 
 def to_timm(model: nn.Module, *, fc_norm: bool = False) -> dict[str, Tensor]:
     """The encoder of ``model`` as a timm ``VisionTransformer`` state dict (CPU tensors).
 
-    Keys: ``patch_embed.proj.*``, ``pos_embed`` ([1, N, D] for RandSAC, [1, 1 + N, D] with the cls
+    Keys: ``patch_embed.proj.*``, ``pos_embed`` ([1, N, D] for RandSAC and AIM, [1, 1 + N, D] with the cls
     row for SAIM), ``cls_token`` (SAIM only), ``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2,
     mlp.fc1, mlp.fc2}.*`` and the final norm as ``norm.*`` — or as ``fc_norm.*`` with
     ``fc_norm=True`` (timm's avg-pool default, which normalises the pooled vector instead of each
@@ -175,7 +179,7 @@ def to_timm(model: nn.Module, *, fc_norm: bool = False) -> dict[str, Tensor]:
     out = {}
     if isinstance(model, SAIM):
         out["cls_token"] = sd["cls_token"]
-    out["pos_embed"] = model.pos_embed        # RandSAC keeps it as a non-persistent buffer
+    out["pos_embed"] = model.pos_embed        # RandSAC and AIM keep it as a non-persistent buffer
     out.update({k: v for k, v in sd.items() if k.startswith(("patch_embed.", "blocks."))})
     norm = "fc_norm" if fc_norm else "norm"
     out[f"{norm}.weight"], out[f"{norm}.bias"] = sd["norm.weight"], sd["norm.bias"]
@@ -190,8 +194,8 @@ def timm_kwargs(model: nn.Module, *, fc_norm: bool = False, global_pool: str = "
     _check_model(model)
     if global_pool not in ("avg", "token"):
         raise ValueError(f"global_pool must be 'avg' or 'token'; got {global_pool!r}")
-    if global_pool == "token" and isinstance(model, RandSAC):
-        raise ValueError("global_pool='token' needs a cls token, which RandSAC does not have; use 'avg'")
+    if global_pool == "token" and not isinstance(model, SAIM):
+        raise ValueError(f"global_pool='token' needs a cls token, which {type(model).__name__} does not have; use 'avg'")
     blk = model.blocks[0]
     return dict(img_size=tuple(model.img_size), patch_size=model.patch_size, in_chans=model.in_chans,
                 embed_dim=model.config.embed_dim, depth=len(model.blocks), num_heads=blk.attn.num_heads,
@@ -518,6 +522,8 @@ def _infer_overrides(sd: dict, family: str) -> dict:
     if family == "randsac":
         out["decoder_depth"] = _block_count(sd, "decoder_blocks")
         out["skip_memory"] = "skip_weight" in sd
+    elif family == "aim":
+        out["head_depth"] = _block_count(sd, "head_blocks")
     else:
         out["share_weight"] = _shares_blocks(sd)
         if not out["share_weight"]:
@@ -612,9 +618,9 @@ def load_model(path: str, name: str | None = None, *, backend: str = "auto", **o
         if name is not None and not name.startswith("saim"):
             raise ValueError(f"--model {name} but {path} is an official SAIM checkpoint; use a saim_vit_* name or none")
         return from_saim_official(sd, backend=backend, **overrides).eval(), {}
-    if family not in ("randsac", "saim"):
-        raise ValueError(f"{path} holds {_FAMILY_WORDS[family]} (keys: {_listing(sd, 6)}); expected a RandSAC or "
-                         "SAIM state dict")
+    if family not in ("randsac", "saim", "aim"):
+        raise ValueError(f"{path} holds {_FAMILY_WORDS[family]} (keys: {_listing(sd, 6)}); expected a RandSAC, "
+                         "SAIM or AIM state dict")
     if name is None:
         raise ValueError(f"{path} is a plain state dict of {_FAMILY_WORDS[family]}, which does not record the model "
                          f"name; pass --model {family}_vit_{{tiny,small,base,large}} (and --set num_heads=... if "

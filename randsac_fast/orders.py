@@ -16,6 +16,12 @@ Samplers (:func:`sample`), named by a spec string of segment *counts* as in the 
                        random order, recursively.
 * ``incoherent:K``     K equal-sized groups of random, spatially incoherent tokens (the paper's
                        segment-coherence ablation), in random order.
+* ``prefix``,          prefix-causal (AIM, El-Nouby et al.): the first P tokens of the order form
+  ``prefix:raster``,   segment 0 (they see each other, bidirectionally), every later token is its
+  ``prefix:random``,   own segment (causal): ``seg = [0]*P + [1, 2, ..., N-P]``. Tokens in raster
+  ``prefix:LO-HI``     order (``prefix``, ``prefix:raster``) or a random order (``prefix:random``);
+                       P is drawn per image, uniformly from LO..HI (default 1..N-1, as AIM), e.g.
+                       ``prefix:raster:4-12``.
 
 Every sampler is one small function that labels each token with its group at every level
 (finest first); one shared traversal (:func:`_traverse`) turns those labels into ``perm``/``seg``.
@@ -32,15 +38,16 @@ import torch
 from torch import Tensor
 
 __all__ = ["SegmentOrder", "OrderSpec", "OrderLevels", "sample", "sample_levels", "parse_spec",
-           "check_fits", "grid_shape", "VALID_FORMS", "SENTINEL"]
+           "check_fits", "grid_shape", "prefix_range", "VALID_FORMS", "SENTINEL"]
 
 #: seg id of padding positions: larger than any real segment rank, so padded keys are invisible to
 #: every real query, and a padded query (seg id >= SENTINEL) sees no key at all (output 0, no cost).
 SENTINEL = 2 ** 30
 
 #: The spec forms :func:`parse_spec` accepts (quoted in every spec error).
-VALID_FORMS = ("raster | random | square:K[/K2[/K3...]] | blob:K[/K2[/K3...]] | incoherent:K "
-               "(K = segment count; each further count groups the level below into fewer partitions)")
+VALID_FORMS = ("raster | random | square:K[/K2[/K3...]] | blob:K[/K2[/K3...]] | incoherent:K | "
+               "prefix[:raster|random][:LO-HI] (K = segment count; each further count groups the level below "
+               "into fewer partitions; LO-HI = prefix-length range in tokens)")
 
 #: Appendix A.2: blob means ~ U(-1.75, 1.75), standard deviations ~ U(0.5, 1), per axis, in token
 #: coordinates normalised to [-2, 2].
@@ -180,13 +187,20 @@ class SegmentOrder:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OrderSpec:
-    """A parsed order spec. kind: one of raster, random, square, blob, incoherent;
-    counts: group counts per hierarchy level, finest first (empty for raster / random)."""
+    """A parsed order spec. kind: one of raster, random, square, blob, incoherent, prefix;
+    counts: group counts per hierarchy level, finest first (empty for raster / random / prefix).
+    prefix only: tokens, the token order ("raster" or "random"); prefix_range, the (LO, HI)
+    prefix length range in tokens, or None for AIM's 1..N-1."""
 
     kind: str
     counts: tuple[int, ...] = ()
+    tokens: str = ""
+    prefix_range: tuple[int, int] | None = None
 
     def __str__(self) -> str:
+        if self.kind == "prefix":
+            lo_hi = "" if self.prefix_range is None else ":{}-{}".format(*self.prefix_range)
+            return f"prefix:{self.tokens}{lo_hi}"
         return self.kind if not self.counts else f"{self.kind}:" + "/".join(map(str, self.counts))
 
     @property
@@ -199,12 +213,12 @@ class OrderSpec:
         gh, gw = grid_shape(grid)
         if self.kind in ("raster", "random"):
             return 1
-        if self.kind == "blob":
+        if self.kind in ("blob", "prefix"):
             return None
         return gh * gw // self.counts[0]
 
 
-_KINDS = ("raster", "random", "square", "blob", "incoherent")
+_KINDS = ("raster", "random", "square", "blob", "incoherent", "prefix")
 
 
 def parse_spec(spec) -> OrderSpec:
@@ -222,6 +236,8 @@ def parse_spec(spec) -> OrderSpec:
             raise ValueError(f"order spec {spec!r}: {kind} takes no count (every token is its own "
                              f"segment); write just '{kind}'")
         return OrderSpec(kind)
+    if kind == "prefix":
+        return _parse_prefix(spec, rest if sep else "")
     if not rest.strip():
         raise ValueError(f"order spec {spec!r}: {kind} needs a segment count, e.g. '{kind}:16'")
     counts = []
@@ -240,6 +256,32 @@ def parse_spec(spec) -> OrderSpec:
         raise ValueError(f"order spec {spec!r}: counts must decrease from segments to partitions "
                          f"(finest first), e.g. '{kind}:16/4'")
     return OrderSpec(kind, tuple(counts))
+
+
+def _parse_prefix(spec: str, rest: str) -> OrderSpec:
+    """prefix[:raster|random][:LO-HI] -> OrderSpec('prefix', tokens=..., prefix_range=...)."""
+    tokens, lo_hi = "raster", None
+    parts = [part.strip() for part in rest.split(":")] if rest.strip() else []
+    if parts and parts[0].lower() in ("raster", "random"):
+        tokens = parts.pop(0).lower()
+    if parts:
+        lo, dash, hi = parts.pop(0).partition("-")
+        if not (dash and lo.strip().isdigit() and hi.strip().isdigit()):
+            raise ValueError(f"order spec {spec!r}: a prefix-length range is LO-HI in tokens, e.g. "
+                             f"'prefix:raster:4-12'")
+        lo_hi = (int(lo), int(hi))
+        if not 1 <= lo_hi[0] <= lo_hi[1]:
+            raise ValueError(f"order spec {spec!r}: the prefix-length range needs 1 <= LO <= HI; got "
+                             f"{lo_hi[0]}-{lo_hi[1]}")
+    if parts:
+        raise ValueError(f"order spec {spec!r}: write prefix, prefix:raster, prefix:random, optionally "
+                         f"followed by :LO-HI (e.g. 'prefix:random:1-15')")
+    return OrderSpec("prefix", tokens=tokens, prefix_range=lo_hi)
+
+
+def prefix_range(spec: OrderSpec, num_tokens: int) -> tuple[int, int]:
+    """(LO, HI) prefix lengths of a prefix spec on ``num_tokens`` tokens (default 1..N-1)."""
+    return spec.prefix_range or (1, num_tokens - 1)
 
 
 def grid_shape(grid) -> tuple[int, int]:
@@ -299,6 +341,12 @@ def check_fits(spec, grid) -> OrderSpec:
         divisors = [k for k in range(2, n) if n % k == 0]
         raise ValueError(f"{spec} needs equal groups, so K must divide the {n} tokens of a {gh}x{gw} "
                          f"grid; K that fit: {', '.join(map(str, divisors)) or 'none'}")
+    elif spec.kind == "prefix":
+        lo, hi = prefix_range(spec, n)
+        if n < 2 or hi > n - 1:
+            raise ValueError(f"{spec} on a {gh}x{gw} grid: the prefix must leave at least one token to "
+                             f"predict, so its length is at most {n - 1}; got up to {hi}"
+                             + ("" if n >= 2 else " (use a grid of at least 2 tokens)"))
     elif spec.kind in ("blob", "incoherent") and spec.counts[0] > n:
         raise ValueError(f"{spec} asks for more segments than the {n} tokens of a {gh}x{gw} grid; "
                          f"use a count <= {n}")
@@ -360,8 +408,11 @@ def sample_levels(spec, batch: int, grid, *, generator: torch.Generator | None =
     batch = int(batch)
     draw_device = generator.device if generator is not None else torch.device(device or "cpu")
     rng = _Rng(generator, draw_device)
-    labels, counts, blobs = _SAMPLERS[spec.kind](spec, batch, gh, gw, rng)
-    perm, ranks = _traverse(labels, counts, batch, rng, shuffle=spec.kind != "raster")
+    if spec.kind == "prefix":
+        perm, ranks, labels, blobs = _prefix(spec, batch, gh * gw, rng)
+    else:
+        labels, counts, blobs = _SAMPLERS[spec.kind](spec, batch, gh, gw, rng)
+        perm, ranks = _traverse(labels, counts, batch, rng, shuffle=spec.kind != "raster")
     out = torch.device(device) if device is not None else draw_device
 
     def move(t: Tensor) -> Tensor:
@@ -397,6 +448,10 @@ class _Rng:
         # float64 so that ties between draws are practically impossible.
         u = torch.rand(*shape, generator=self.generator, device=self.device, dtype=torch.float64)
         return low + (high - low) * u
+
+    def integers(self, batch: int, low: int, high: int) -> Tensor:
+        """[batch] int64 uniform on low..high (inclusive)."""
+        return torch.randint(low, high + 1, (batch,), generator=self.generator, device=self.device)
 
     def ranks(self, batch: int, n: int) -> Tensor:
         """[batch, n] int64: an independent uniformly random permutation of 0..n-1 per row."""
@@ -498,6 +553,22 @@ def _incoherent_labels(spec: OrderSpec, batch: int, gh: int, gw: int, rng: _Rng)
     of spatial coherence): token t joins group rank(t) // (N/K) for a random token ranking."""
     n = gh * gw
     return [rng.ranks(batch, n) // (n // spec.counts[0])], list(spec.counts), None
+
+
+def _prefix(spec: OrderSpec, batch: int, n: int, rng: _Rng):
+    """prefix[:raster|random]: perm in raster or random order; P ~ U{LO..HI} per image;
+    seg = max(0, position - P + 1), i.e. [0]*P + [1, 2, ..., N-P]. No host sync: P stays a tensor.
+    -> (perm, (seg,), (raster labels,), None) as the other samplers' traversal returns."""
+    lo, hi = prefix_range(spec, n)
+    length = rng.integers(batch, lo, hi)                                         # [B] prefix lengths
+    position = torch.arange(n, device=rng.device)
+    if spec.tokens == "random":
+        perm = rng.uniform(batch, n).argsort(dim=1)
+    else:
+        perm = position.expand(batch, n).contiguous()
+    seg = (position[None] - length[:, None] + 1).clamp(min=0).to(torch.int32)
+    labels = torch.empty(batch, n, dtype=torch.int64, device=rng.device).scatter_(1, perm, seg.long())
+    return perm, (seg,), (labels,), None
 
 
 _SAMPLERS = {

@@ -47,6 +47,25 @@ def test_ablation_grid_end_to_end_and_resumable(tmp_path, capsys):
     assert {p: os.path.getmtime(p) for p in stamp} == stamp
 
 
+def test_method_comparison_randsac_saim_aim(tmp_path, capsys):
+    """--presets: one cell per (preset, seed), each preset with its own model and order, every cell
+    scored by the linear probe, k-NN and the attentive probe."""
+    out = tmp_path / "methods"
+    flags = ["--embed-dim", "16", "--num-heads", "1", "--batch-size", "64", "--steps", "2", "--log-every", "1"]
+    summary = ablate.run(["--presets", "digits,saim_digits,aim_digits", "--seeds", "0", "--out", str(out),
+                          "--eval-images", "300", "--no-plot", *flags])
+    report = json.loads((out / "ablation.json").read_text())
+    got = {c["label"]: (c["config"]["model"]["model"], c["spec"]) for c in report["cells"]}
+    assert got == {"digits": ("randsac_vit_tiny", "square:4"), "saim_digits": ("saim_vit_tiny", "random"),
+                   "aim_digits": ("aim_vit_tiny", "prefix")}
+    assert summary["metrics"] == ["probe", "knn", "attn"]
+    for c in report["cells"]:
+        assert 0.1 < c["attn"] <= 1
+    assert "attentive probe" in (out / "ablation.md").read_text()
+    with pytest.raises(ValueError, match="unknown preset 'aim'"):
+        ablate.run(["--presets", "digits,aim", "--out", str(out)])
+
+
 def test_ablation_refuses_flags_it_sets_per_cell(tmp_path, capsys):
     assert ablate.main(["--out", str(tmp_path), "--order", "random"]) == 1
     assert "error: --order is set per cell by the ablation; use --specs" in capsys.readouterr().err

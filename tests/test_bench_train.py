@@ -24,11 +24,11 @@ def _run(out: Path, *flags: str) -> dict:
 
 
 def test_tiny_cpu_run_writes_every_row(tmp_path):
-    result = _run(tmp_path, "--device", "cpu")
+    result = _run(tmp_path, "--device", "cpu", "--model", "all")
     for key in ("device", "torch", "triton", "cuda", "git_commit", "date", "batch", "shapes"):
         assert key in result, key
     rows = {r["config"]: r for r in result["rows"]}
-    expected = {f"{m}/{impl}{suffix}" for m in ("randsac", "saim")
+    expected = {f"{m}/{impl}{suffix}" for m in ("randsac", "saim", "aim")
                 for impl, suffix in (("dense", ""), ("reference", ""), ("sdpa", ""), ("dense", "+compile:function"),
                                      ("reference", "+compile:block"), ("sdpa", "+compile:block"))}
     assert set(rows) == expected
@@ -38,7 +38,7 @@ def test_tiny_cpu_run_writes_every_row(tmp_path):
         assert r["train_tflop_per_step"] > 0, name
     # Every row trains the same weights on the same images and orders, so (in fp32) they end at the
     # same loss up to rounding; a wrong mask or order in any row would move it by far more.
-    for model in ("randsac", "saim"):
+    for model in ("randsac", "saim", "aim"):
         losses = [r["loss"] for r in rows.values() if r["model"] == model]
         assert max(losses) - min(losses) <= 1e-4 * abs(losses[0]), (model, losses)
         assert rows[f"{model}/dense"]["x_dense"] == 1.0

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from randsac_fast import config, data, interop, models, train, viz
-from randsac_fast.eval import finetune, linprobe
+from randsac_fast.eval import attnprobe, finetune, linprobe
 from randsac_fast.runtime import summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,16 +134,17 @@ def test_train_summary_and_its_next_commands_run_as_printed(digits_run, tmp_path
                    "linear probe accuracy"):
         assert needle in text, needle
     steps = _next_steps(text)
-    assert set(steps) == {"linear probe", "timm export", "figure", "reproduce"}
-    mains = {"randsac_fast.linprobe": linprobe.main, "randsac_fast.interop": interop.main,
-             "randsac_fast.viz": viz.main}
-    for label in ("linear probe", "timm export", "figure"):
-        argv = steps[label][3:] + (["--epochs", "1", "--warmup-epochs", "0"] if label == "linear probe" else [])
+    assert set(steps) == {"linear probe", "attn probe", "timm export", "figure", "reproduce"}
+    mains = {"randsac_fast.linprobe": linprobe.main, "randsac_fast.attnprobe": attnprobe.main,
+             "randsac_fast.interop": interop.main, "randsac_fast.viz": viz.main}
+    for label in ("linear probe", "attn probe", "timm export", "figure"):
+        argv = steps[label][3:] + (["--epochs", "1", "--warmup-epochs", "0"] if "probe" in label else [])
         code, said = _run(mains[steps[label][2]], argv)
         assert code == 0, label
         assert " done" in said.splitlines()[0], said
-    result = json.load(open(os.path.join(out, "linprobe", "results.json")))
-    assert 0.0 <= result["top1"] <= 1.0 and result["ckpt"] == ckpt
+    for probe in ("linprobe", "attnprobe"):
+        result = json.load(open(os.path.join(out, probe, "results.json")))
+        assert 0.0 <= result["top1"] <= 1.0 and result["ckpt"] == ckpt and result["val_images"] == 450
     assert os.path.exists(os.path.join(out, "recon.png"))
 
 

@@ -63,7 +63,7 @@ def timm_style_features(sd: dict, kw: dict, images: torch.Tensor) -> torch.Tenso
     return ln(x, "norm")
 
 
-@pytest.mark.parametrize("name", ["randsac_vit_tiny", "saim_vit_tiny"])
+@pytest.mark.parametrize("name", ["randsac_vit_tiny", "saim_vit_tiny", "aim_vit_tiny"])
 def test_to_timm_matches_timm_style_forward(name):
     model = _randomise(tiny(name), 1)
     sd, kw = interop.to_timm(model), interop.timm_kwargs(model)
@@ -91,11 +91,11 @@ def test_to_timm_fc_norm_and_bad_input():
     assert interop.timm_kwargs(model, global_pool="token")["global_pool"] == "token"
     with pytest.raises(ValueError, match="RandSAC does not have"):
         interop.timm_kwargs(tiny("randsac_vit_tiny"), global_pool="token")
-    with pytest.raises(TypeError, match="RandSAC or SAIM"):
+    with pytest.raises(TypeError, match="RandSAC, SAIM or AIM"):
         interop.to_timm(nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("name", ["randsac_vit_tiny", "saim_vit_tiny"])
+@pytest.mark.parametrize("name", ["randsac_vit_tiny", "saim_vit_tiny", "aim_vit_tiny"])
 def test_to_timm_loads_into_timm(name):
     timm = pytest.importorskip("timm", reason="needs timm")
     from timm.models.vision_transformer import VisionTransformer
@@ -207,7 +207,7 @@ def test_export_carries_timm_metadata(tmp_path, capsys):
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["pretrained_cfg"]["std"] == [0.25]
 
 
-@pytest.mark.parametrize("name", ["randsac_vit_tiny", "saim_vit_tiny"])
+@pytest.mark.parametrize("name", ["randsac_vit_tiny", "saim_vit_tiny", "aim_vit_tiny"])
 def test_export_loads_in_one_line_with_timm(tmp_path, name):
     """timm.create_model('local-dir:DIR', pretrained=True) rebuilds the encoder from the export
     alone: same features (FlashAttention rule vs float64), the run's mean/std in its data config."""

@@ -29,6 +29,8 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -39,7 +41,7 @@ from .. import config as config_mod
 from .. import data as data_mod
 from .. import interop, ops
 from ..runtime import collectives
-from ..runtime.checkpoint import Checkpointer, rng_state, set_rng_state
+from ..runtime.checkpoint import Checkpointer, read_meta, rng_state, set_rng_state
 from ..runtime.lock import lock_run_dir, release_all, releasing_locks
 from ..runtime.metrics import MetricsLogger, require_wandb
 from ..runtime.parallel import Dist, init_distributed
@@ -47,7 +49,8 @@ from ..runtime.schedule import fit_warmup, lr_at, scaled_lr, set_lr
 from ..runtime.threads import set_threads
 from ..runtime.summary import command, eval_summary, run_command, write_results
 
-__all__ = ["labelled_splits", "load_encoder", "eval_transform", "evaluate", "ProbeHead", "run", "main"]
+__all__ = ["labelled_splits", "load_encoder", "eval_transform", "evaluate", "ProbeHead", "Probe", "LINEAR", "run",
+           "main"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,10 +259,28 @@ RUN_RULES = {"out": config_mod.writable_dir(), "epochs": config_mod.positive(),
              "device": config_mod.RULES["device"], "threads": config_mod.RULES["threads"]}
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What differs between probes of a frozen encoder (the linear probe here, the attentive probe in
+    :mod:`randsac_fast.eval.attnprobe`); the loop, data, schedule, resume and summary are shared."""
+
+    task: str                                        # recorded in checkpoints ("linprobe", "attnprobe")
+    build_parser: Callable[[], argparse.ArgumentParser]
+    features: Callable                               # (encoder, images, args) -> what the head reads
+    head: Callable                                   # (encoder, num_classes, args) -> nn.Module
+    optimizer: Callable                              # (parameters, lr, args) -> torch.optim.Optimizer
+
+
+LINEAR = Probe("linprobe", build_parser,
+               features=lambda encoder, images, args: pooled(encoder, images, args.cls_token),
+               head=lambda encoder, num_classes, args: ProbeHead(encoder.config.embed_dim, num_classes),
+               optimizer=lambda params, lr, args: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0))
+
+
 @releasing_locks
-def run(argv=None) -> dict:
+def run(argv=None, probe: Probe = LINEAR) -> dict:
     """Train the probe; returns the final {'top1', 'top5', ...}. Raises on bad input."""
-    args = build_parser().parse_args(argv)
+    args = probe.build_parser().parse_args(argv)
     config_mod.check_args(args, RUN_RULES)
     # ---- cheap validation before any process group exists -----------------------------------
     if args.wandb:
@@ -267,7 +288,7 @@ def run(argv=None) -> dict:
     train_src, val_src = labelled_splits(args.data)
     encoder, meta = load_encoder(args.ckpt, args.model, interop.parse_sets(args.set), args.backend)
     check_channels(encoder, train_src, args.ckpt)
-    if args.cls_token and encoder.num_prefix_tokens == 0:
+    if getattr(args, "cls_token", False) and encoder.num_prefix_tokens == 0:
         raise ValueError(f"--cls-token: {type(encoder).__name__} has no cls token; drop --cls-token to "
                          "average-pool the patch tokens")
     num_classes = int(max(train_src.label(i) for i in range(len(train_src)))) + 1
@@ -281,7 +302,7 @@ def run(argv=None) -> dict:
     collectives.barrier()
     torch.manual_seed(args.seed)                       # the same head on every rank
     encoder = encoder.to(device).eval().requires_grad_(False)
-    head = ProbeHead(encoder.config.embed_dim, num_classes).to(device)
+    head = probe.head(encoder, num_classes, args).to(device)
     ddp_head = nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---- data, schedule, optimizer -----------------------------------------------------------
@@ -294,7 +315,7 @@ def run(argv=None) -> dict:
     warmup = fitted_warmup(args, per_epoch, total, dist_info.is_main)
     global_batch = args.batch_size * world
     peak_lr = scaled_lr(args.blr, global_batch)
-    optimizer = torch.optim.SGD(ddp_head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=0.0)
+    optimizer = probe.optimizer(ddp_head.parameters(), peak_lr, args)
 
     # ---- resume ------------------------------------------------------------------------------
     gen = torch.Generator()                             # the checkpoint's per-rank RNG slot
@@ -303,9 +324,11 @@ def run(argv=None) -> dict:
     if args.resume:
         path = ckpt.resolve(args.resume, say=_say(dist_info))
         if path is not None:
+            task = read_meta(path).get("task")       # before loading: another probe's head does not fit
+            if task != probe.task:
+                raise ValueError(f"--resume {path} is a {task} checkpoint, not a {probe.task} one; "
+                                 "resume it with its own command or pass another --out")
             saved, state = ckpt.load(path, ddp_head, optimizer)
-            if saved.get("task") != "linprobe":
-                raise ValueError(f"--resume {path} is not a linear-probe checkpoint")
             if saved.get("encoder") != args.ckpt:
                 warnings.warn(f"--resume {path} probed --ckpt {saved.get('encoder')}, this run passes {args.ckpt}",
                               stacklevel=2)
@@ -317,7 +340,7 @@ def run(argv=None) -> dict:
 
     def logits_of(images: Tensor) -> Tensor:
         with autocast:
-            feats = pooled(encoder, images, args.cls_token)
+            feats = probe.features(encoder, images, args)
         return head(feats)                              # the head stays in fp32
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -329,7 +352,7 @@ def run(argv=None) -> dict:
         images, labels, _ = next(stream)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.no_grad(), autocast:
-            feats = pooled(encoder, images, args.cls_token)
+            feats = probe.features(encoder, images, args)
         ddp_head.train()
         loss = F.cross_entropy(ddp_head(feats), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -352,7 +375,7 @@ def run(argv=None) -> dict:
             metrics.log(record)
             pending, tick, tick_step = [], time.perf_counter(), step
         if end_of_epoch and (step == total or round(epoch) % args.ckpt_every == 0):
-            last = ckpt.save(step, ddp_head, optimizer, {"task": "linprobe", "encoder": args.ckpt, "total_steps": total,
+            last = ckpt.save(step, ddp_head, optimizer, {"task": probe.task, "encoder": args.ckpt, "total_steps": total,
                                                   "args": vars(args)}, rng_state(gen))
     metrics.close()
     if not result:   # resumed at the end: evaluate what was loaded
@@ -381,14 +404,15 @@ def cli(run_fn, argv=None, summarise=None) -> int:
 
 
 def summarise(module: str, argv, result: dict) -> None:
-    """The closing block of linprobe / finetune; linprobe's next step is fine-tuning the same encoder."""
+    """The closing block of linprobe / attnprobe / finetune; a probe's next step is fine-tuning the
+    same encoder."""
     import importlib
     args = importlib.import_module(module).build_parser().parse_args(argv)
-    task = "linear probe" if module.endswith("linprobe") else "fine-tune"
+    task = {"linprobe": "linear probe", "attnprobe": "attentive probe"}.get(module.rpartition(".")[2], "fine-tune")
     steps = None
-    if task == "linear probe":
+    if task != "fine-tune":
         model_args = ((["--model", args.model] if args.model else []) + [a for s in args.set for a in ("--set", s)]
-                      + (["--cls-token"] if args.cls_token else []))      # SAIM: classify from what was probed
+                      + (["--cls-token"] if getattr(args, "cls_token", False) else []))   # SAIM: classify from what was probed
         steps = {"fine-tune": command("finetune", "--ckpt", args.ckpt, *model_args, "--data", args.data,
                                       "--out", os.path.join(os.path.dirname(os.path.normpath(args.out)), "finetune"))}
     eval_summary(task, args.out, result.get("checkpoint"), result, result["results_file"], steps)

@@ -1,4 +1,4 @@
-"""Models: ``build(name, **overrides)`` for RandSAC and SAIM ViTs of the standard sizes.
+"""Models: ``build(name, **overrides)`` for RandSAC, SAIM and AIM ViTs of the standard sizes.
 
 Every model is called as ``model(images, order) -> loss`` and ``model.predict(images, order) ->
 (pred, valid)`` in raster order; ``model.forward_features(images)`` is the unmasked encoder.
@@ -8,16 +8,18 @@ from __future__ import annotations
 import dataclasses
 
 from . import hub
+from .aim import AIM, AIMConfig
 from .randsac import SENTINEL, RandSAC, RandSACConfig, split_order
 from .saim import SAIM, SAIMConfig
 from .vit import SIZES, set_backend
 
-__all__ = ["build", "build_from_config", "from_pretrained", "names", "RandSAC", "RandSACConfig", "SAIM", "SAIMConfig", "SENTINEL", "split_order",
+__all__ = ["build", "build_from_config", "from_pretrained", "names", "AIM", "AIMConfig", "RandSAC", "RandSACConfig", "SAIM", "SAIMConfig", "SENTINEL", "split_order",
            "set_backend"]
 
 # Paper defaults per size. RandSAC: tiny = CIFAR-10 (32 px, P=4, 3-layer decoder); small = ImageNet-100
 # (224 px, P=16, 4-layer decoder with doubled heads); base = ImageNet-1K (192 px, P=16, 8-layer
-# decoder); large follows base. SAIM: 224 px, P=16, one query block per encoder block.
+# decoder); large follows base. SAIM: 224 px, P=16, one query block per encoder block. AIM: 224 px,
+# P=14, a 12-block MLP head (AIMConfig's defaults).
 _RANDSAC = {
     "tiny": dict(img_size=32, patch_size=4, decoder_depth=3),
     "small": dict(img_size=224, patch_size=16, decoder_depth=4, decoder_num_heads=12),
@@ -26,18 +28,25 @@ _RANDSAC = {
 }
 
 
+#: Model families: the prefix of a model name (``{family}_vit_{size}``).
+FAMILIES = ("randsac", "saim", "aim")
+
+
 def names() -> list[str]:
-    return [f"{m}_vit_{s}" for m in ("randsac", "saim") for s in SIZES]
+    return [f"{m}_vit_{s}" for m in FAMILIES for s in SIZES]
 
 
 def build(name: str, **overrides):
-    """Build ``randsac_vit_{tiny,small,base,large}`` or ``saim_vit_{...}`` with config overrides."""
+    """Build ``randsac_vit_{tiny,small,base,large}``, ``saim_vit_{...}`` or ``aim_vit_{...}`` with
+    config overrides."""
     method, _, size = name.partition("_vit_")
-    if method not in ("randsac", "saim") or size not in SIZES:
+    if method not in FAMILIES or size not in SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {names()}")
     dim, depth, heads = SIZES[size]
     if method == "randsac":
         cls, cfg_cls, base = RandSAC, RandSACConfig, dict(_RANDSAC[size])
+    elif method == "aim":
+        cls, cfg_cls, base = AIM, AIMConfig, {}
     else:
         cls, cfg_cls, base = SAIM, SAIMConfig, dict(query_depth=depth)
     base.update(embed_dim=dim, depth=depth, num_heads=heads)
@@ -52,11 +61,11 @@ def build(name: str, **overrides):
 
 
 def from_pretrained(path: str, **overrides):
-    """A RandSAC or SAIM model from a ``save_pretrained`` directory (or hub repo id): the class is
+    """A RandSAC, SAIM or AIM model from a ``save_pretrained`` directory (or hub repo id): the class is
     read from its config.json. ``overrides`` replace config fields (e.g. ``backend="sdpa"``)."""
     local = hub.resolve(path)
     model_type = hub.read_config(local)["model_type"]
-    classes = {"RandSAC": RandSAC, "SAIM": SAIM}
+    classes = {"RandSAC": RandSAC, "SAIM": SAIM, "AIM": AIM}
     if model_type not in classes:
         raise ValueError(f"{path} holds model_type {model_type!r}; this version knows {sorted(classes)}")
     return classes[model_type].from_pretrained(local, **overrides)
@@ -64,11 +73,13 @@ def from_pretrained(path: str, **overrides):
 
 # Model fields passed to models.build only when set (None: the model's own default).
 _MODEL_OVERRIDES = ("embed_dim", "depth", "num_heads", "decoder_depth", "decoder_num_heads", "query_depth",
-                    "share_weight", "head", "skip_memory", "blur_kernel", "blur_sigma", "norm_pix", "loss")
+                    "share_weight", "head", "skip_memory", "head_depth", "blur_kernel", "blur_sigma", "norm_pix",
+                    "loss")
 # Fields only one family has: a preset's value is dropped for the other family, a flag is passed on
 # (and rejected by models.build with a clear error).
-_FAMILY_ONLY = {"randsac": ("query_depth", "share_weight", "head"),
-                "saim": ("decoder_depth", "decoder_num_heads", "skip_memory")}
+_FAMILY_ONLY = {"randsac": ("query_depth", "share_weight", "head", "head_depth"),
+                "saim": ("decoder_depth", "decoder_num_heads", "skip_memory", "head_depth"),
+                "aim": ("decoder_depth", "decoder_num_heads", "skip_memory", "query_depth", "share_weight", "head")}
 
 
 def build_from_config(cfg, in_chans: int, flags=()):

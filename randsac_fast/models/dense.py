@@ -1,6 +1,6 @@
 """Whole-model dense references, in raster order with explicit (B, N, N) masks.
 
-These re-compute RandSAC and SAIM from a model's parameters the way the papers (and their
+These re-compute RandSAC, SAIM and AIM from a model's parameters the way the papers (and their
 released code) describe them: tokens stay in raster order, every attention gets a boolean mask
 built from each token's segment rank, attention is plain ``softmax(QK^T)V``. Nothing here uses
 the permuted-order machinery or :mod:`randsac_fast.ops`, so the fast models can be checked
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from ..orders import SegmentOrder
+from .aim import AIM
 from .randsac import RandSAC
 from .saim import SAIM
 from .vit import Attention, Block, DecoderBlock
@@ -132,10 +133,42 @@ def saim_loss_dense(model: SAIM, images: Tensor, order: SegmentOrder) -> Tensor:
     return err.mean()
 
 
+# --------------------------------------------------------------------------------------------
+# AIM (El-Nouby et al.): prefix-causal mask, next-patch prediction, loss on non-prefix patches
+# --------------------------------------------------------------------------------------------
+def aim_forward_dense(model: AIM, images: Tensor, order: SegmentOrder) -> tuple[Tensor, Tensor]:
+    """-> (pred [B, N, P*P*C], valid [B, N]) in raster order: the prediction *of* each patch, made by
+    the trunk's output at the patch just before it in the order; valid = patches outside the prefix."""
+    rank = order.ranks().to(images.device)                 # 0 for the prefix, 1, 2, ... after it
+    mask = reference.visibility(rank, rank, inclusive=True)           # prefix bidirectional, then causal
+    x = model.patch_embed(images) + model.pos_embed
+    for blk in model.blocks:
+        x = encoder_block(blk, x, mask)
+    x = model.norm(x)
+    perm = order.perm.to(images.device)
+    position = perm.argsort(dim=1)                         # serial position of each raster patch
+    previous = perm.gather(1, (position - 1).clamp(min=0))  # raster patch just before it in the order
+    y = x.gather(1, previous[..., None].expand(-1, -1, x.shape[-1])) + model.pos_embed
+    for blk in model.head_blocks:
+        y = y + blk.mlp(blk.norm(y))
+    return model.head(model.head_norm(y)), rank >= 1
+
+
+def aim_loss_dense(model: AIM, images: Tensor, order: SegmentOrder) -> Tensor:
+    c = model.config
+    pred, valid = aim_forward_dense(model, images, order)
+    target = reference.patch_targets(images, c.patch_size, blur_kernel=c.blur_kernel,
+                                     blur_sigma=c.blur_sigma, norm_pix=c.norm_pix)
+    err = (pred - target) ** 2 if c.loss == "mse" else (pred - target).abs()
+    return masked_mean(err, valid)
+
+
 def loss_dense(model, images: Tensor, order: SegmentOrder) -> Tensor:
-    """Dense reference loss of either model."""
+    """Dense reference loss of any model."""
     if isinstance(model, RandSAC):
         return randsac_loss_dense(model, images, order)
     if isinstance(model, SAIM):
         return saim_loss_dense(model, images, order)
+    if isinstance(model, AIM):
+        return aim_loss_dense(model, images, order)
     raise TypeError(f"no dense reference for {type(model).__name__}")

@@ -161,6 +161,8 @@ def pretrain_summary(out: str, checkpoint: str | None, data: str, probe: dict | 
                                         "--out", os.path.join(out, "linprobe"))
         if labelled is None:
             steps["linear probe"] += "    # LABELLED_DIR: a directory with train/ and val/ class folders"
+        steps["attn probe"] = command("attnprobe", "--ckpt", checkpoint, "--data", labelled or "LABELLED_DIR",
+                                      "--out", os.path.join(out, "attnprobe"))
         # A directory (config.json + model.safetensors): what timm.create_model("local-dir:DIR") loads.
         steps["timm export"] = command("interop", "export", "--ckpt", checkpoint, "--out", os.path.join(out, "timm"))
         steps["figure"] = command("viz", "recon", "--ckpt", checkpoint, "--images", data,
