@@ -247,13 +247,17 @@ FAMILY_RECIPES: dict[str, dict] = {
     # SAIM (Qi et al.): one token per segment in random order, Gaussian-blurred norm-pix targets,
     # RandomResizedCrop scale (0.67, 1) + flip
     "saim": dict(order="random", blur_kernel=9, blur_sigma=1.0, norm_pix=True, crop_scale=(0.67, 1.0), hflip=True),
+    # AIM (El-Nouby et al.): prefix-causal raster order, unblurred norm-pix targets, crop 0.4-1 + flip
+    "aim": dict(order="prefix", blur_kernel=0, norm_pix=True, crop_scale=(0.4, 1.0), hflip=True),
 }
 # Model fields only the other family has.
-_OTHER_FAMILY_FIELDS = {"randsac": ("query_depth", "share_weight", "head"),
-                        "saim": ("decoder_depth", "decoder_num_heads", "skip_memory")}
+_OTHER_FAMILY_FIELDS = {"randsac": ("query_depth", "share_weight", "head", "head_depth"),
+                        "saim": ("decoder_depth", "decoder_num_heads", "skip_memory", "head_depth"),
+                        "aim": ("decoder_depth", "decoder_num_heads", "skip_memory", "query_depth", "share_weight",
+                                "head")}
 #: Model-size fields: a preset's value applies only to the preset's own model.
 SIZE_FIELDS = ("embed_dim", "depth", "num_heads", "decoder_depth", "decoder_num_heads", "query_depth",
-               "share_weight", "head", "skip_memory")
+               "share_weight", "head", "skip_memory", "head_depth")
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,13 @@ _CALL = re.compile(r"\b(?:dist|torch\.distributed|c10d)\." + _COLLECTIVE + r"\s*
 _IMPORT = re.compile(r"from\s+torch\.distributed(?:\.distributed_c10d)?\s+import\s+[^\n]*\b" + _COLLECTIVE + r"\b")
 
 
+# Exemptions, each with its reason. ops/ sits below runtime/ (tests/test_layout.py), so the tile sweep's
+# one object broadcast (a Python tuple, no tensor of ours; torch stages object collectives on the
+# group's device itself) calls torch.distributed directly.
+_EXEMPT = {os.path.join("randsac_fast", "runtime", "collectives.py"): None,
+           os.path.join("randsac_fast", "ops", "autotune.py"): "broadcast_object_list"}
+
+
 def test_no_collective_outside_the_helper():
     """A direct ``dist.all_reduce(t)`` elsewhere could carry a host tensor past the device placement."""
     offenders = []
@@ -37,10 +44,12 @@ def test_no_collective_outside_the_helper():
                 continue
             path = os.path.join(folder, name)
             rel = os.path.relpath(path, ROOT)
-            if rel == os.path.join("randsac_fast", "runtime", "collectives.py"):
+            if rel in _EXEMPT and _EXEMPT[rel] is None:
                 continue
             for n, line in enumerate(open(path, encoding="utf-8"), 1):
                 code = line.split("#", 1)[0]
+                if rel in _EXEMPT and f"dist.{_EXEMPT[rel]}(" in code:
+                    continue
                 if _CALL.search(code) or _IMPORT.search(code):
                     offenders.append(f"{rel}:{n}: {line.strip()}")
     assert not offenders, ("call these through randsac_fast.runtime.collectives (it places tensors on the "

@@ -137,7 +137,7 @@ def test_build_and_bad_input():
     with pytest.raises(ValueError, match="at least 2 segments"):
         m(torch.randn(1, 3, 16, 16), one)
     for name in models.names():
-        assert name.split("_vit_")[0] in ("randsac", "saim")
+        assert name.split("_vit_")[0] in ("randsac", "saim", "aim")
 
 
 def test_paper_sizes():

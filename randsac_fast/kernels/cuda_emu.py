@@ -24,7 +24,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .cuda_ext import CSRC
+#: The kernel sources (as in cuda_ext, which imports this module lazily: no import cycle).
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 EMU = CSRC / "emu"
 

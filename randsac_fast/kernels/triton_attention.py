@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.autotune import Tile
+from .tiles import Tile
 
 # triton.jit decides between compiling and interpreting when a kernel is defined, i.e. at import:
 # read the same switch here so that the tiles match the kind of kernel defined below.
@@ -108,17 +108,23 @@ def pinned(kernel: str, head_dim: int, dtype) -> Tile:
     return PINNED[(kernel, *_classes(head_dim, dtype))]
 
 
+#: ``randsac_fast.ops.autotune.choose_tile``, set when the ops layer loads these kernels (the kernels
+#: do not import the dispatch layer above them).
+TILE_CHOOSER = None
+
+
 def _tile(kernel: str, q: torch.Tensor, n_q: int, n_k: int, launch) -> Tile:
     """The tile to launch ``kernel`` with; ``launch(tile)`` runs it (timed only by a sweep)."""
     if INTERPRET:
         return _INTERPRETER_TILE
-    from ..ops import autotune
     head_dim = q.shape[-1]
+    if TILE_CHOOSER is None:           # launched without the ops layer: the pinned tile
+        return pinned(kernel, head_dim, q.dtype)
 
     def bench(tile: Tile) -> float:
         return triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=20)
 
-    return autotune.choose_tile(kernel, q.device, q.dtype, head_dim, n_q, n_k, [pinned(kernel, head_dim, q.dtype)],
+    return TILE_CHOOSER(kernel, q.device, q.dtype, head_dim, n_q, n_k, [pinned(kernel, head_dim, q.dtype)],
                                 candidates(kernel, head_dim, q.dtype), bench)
 
 

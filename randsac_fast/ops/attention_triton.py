@@ -21,6 +21,9 @@ except ImportError as e:  # the loader turns this into BackendUnavailable
                       f"install it with `pip install triton` or pick backend='sdpa'") from e
 
 from ._dispatch import BackendUnavailable
+from . import autotune as _autotune
+
+_kernels.TILE_CHOOSER = _autotune.choose_tile       # a sweep (RANDSAC_FAST_TILES=sweep) times tiles here
 
 
 def _check_runnable(q: Tensor, head_dim: int | None = None) -> None:

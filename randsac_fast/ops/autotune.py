@@ -216,19 +216,7 @@ TILE_MODES = ("pinned", "sweep")
 _TILE_PREFIX = "tile | "
 
 
-@dataclass(frozen=True)
-class Tile:
-    """One launch configuration of a tiled kernel."""
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-    def as_list(self) -> list[int]:
-        return [self.block_m, self.block_n, self.num_warps, self.num_stages]
-
-    def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
+from ..kernels.tiles import Tile  # noqa: E402  (re-exported: the kernels' launch configuration)
 
 
 def tiles_mode() -> str:
