@@ -38,6 +38,7 @@ GPU_TESTS = {
     "test_cuda_strided_inputs_head_dim_32": [("attention", 2 * 2 * _ATTN)],   # fp16, bf16 x aligned, offset 1
     "test_cuda_backward_is_deterministic": [],
     "test_cuda_opcheck_and_compile": [],
+    "test_cuda_fused_layouts": [],                                           # the CUDA extension only
     "test_targets_and_loss_bf16": [("targets", 2 * 5)],                      # k 0, 9 x targets, mse/l1 fwd, bwd
     "test_skip_memory_bf16": [("skip_memory", 2)],
     "test_flex_gpu": [],                                                     # inductor, not counted
