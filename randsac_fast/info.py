@@ -281,9 +281,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.out and not _writable_out(args.out, args.force):   # checked before the (slow) checks run
         return 1
-    info = collect(args.quick, args.out)
+    info = collect(args.quick, args.out)      # rewrites --out after each check: a killed run keeps them
     if args.out:
-        _write(args.out, info)
+        from .outputs import OutputError, atomic_text
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_text(args.out, json.dumps(info, indent=1, default=str), "info")
+        except OSError as e:
+            from .outputs import disk_message
+            print(f"error: {e if isinstance(e, OutputError) else disk_message(e, args.out)}", file=sys.stderr)
+            return 1
     print(json.dumps(info, indent=1) if args.json else report(info))
     failed = [r for r in info["selfcheck"] if r["status"] in ("mismatch", "error")]
     return 1 if failed else 0

@@ -145,7 +145,7 @@ def test_viz_info_ablate_and_data_refuse_files_they_did_not_write(run, tmp_path,
     png.write_bytes(b"not written by viz")
     refused(capsys, viz.main, ["orders", "--spec", "random", "--grid", "4", "--out", str(png)], str(png), "--force",
             roots=[tmp_path])
-    monkeypatch.setattr(info, "collect", lambda quick: pytest.fail("ran the checks before checking --out"))
+    monkeypatch.setattr(info, "collect", lambda quick, out=None: pytest.fail("ran the checks before checking --out"))
     refused(capsys, info.main, ["--out", os.path.join(out, "config.json")], "config.json", "--force", roots=[out])
     from randsac_fast import ablate
     refused(capsys, ablate.main, ["--specs", "raster", "--seeds", "0", "--out", out, "--steps", "1"],
@@ -260,7 +260,7 @@ def test_bad_flags_are_one_line(tmp_path, capsys):
 def test_outputs_into_a_file_or_a_read_only_directory_are_one_line(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    monkeypatch.setattr(info, "collect", lambda quick: pytest.fail("ran the checks before checking --out"))
+    monkeypatch.setattr(info, "collect", lambda quick, out=None: pytest.fail("ran the checks before checking --out"))
     refused(capsys, info.main, ["--out", str(blocker / "info.json")], str(blocker), "is a file", roots=[tmp_path])
     from randsac_fast import ablate
     refused(capsys, ablate.main, ["--specs", "raster", "--out", str(blocker)], str(blocker), "pass a directory",
@@ -268,7 +268,7 @@ def test_outputs_into_a_file_or_a_read_only_directory_are_one_line(tmp_path, cap
 
     def read_only(path, write):
         raise OSError(errno.EROFS, "Read-only file system", path)
-    monkeypatch.setattr(info, "collect", lambda quick: {"selfcheck": []})
+    monkeypatch.setattr(info, "collect", lambda quick, out=None: {"selfcheck": []})
     monkeypatch.setattr(info, "report", lambda i: "report")
     monkeypatch.setattr(outputs, "_replace", read_only)
     refused(capsys, info.main, ["--out", str(tmp_path / "ro" / "info.json")], "read-only file system",
