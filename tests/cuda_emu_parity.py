@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from helpers import assert_close_by_rule
-from randsac_fast import ops, reference
-from test_attention_cuda import CASES, _segs
+from randsac_fast import reference
+from test_attention_cuda import CASES, _attn, _fwd_bwd, _segs
 
 if os.environ.get("RANDSAC_FAST_CUDA_EMU", "0") in ("", "0"):
     pytest.skip("run through tests/test_cuda_emu.py (needs RANDSAC_FAST_CUDA_EMU=1)", allow_module_level=True)
@@ -36,20 +36,6 @@ def _grid():
                                         id=f"{case}-{'inclusive' if inclusive else 'strict'}-{dt}-d{dims[i % 3]}"))
                 i += 1
     return out
-
-
-def _fwd_bwd(fn, q, k, v, do):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
-    return (out.detach(), *torch.autograd.grad(out, (q, k, v), do.to(out.dtype)))
-
-
-def _attn(backend, seg_q, seg_k, inclusive):
-    def fn(q, k, v):
-        if backend == "plain":
-            return reference.segment_attention(q, k, v, seg_q, seg_k, inclusive=inclusive)
-        return ops.segment_attention(q, k, v, seg_q, seg_k, inclusive=inclusive, backend=backend)
-    return fn
 
 
 @pytest.fixture(autouse=True)
